@@ -1,0 +1,55 @@
+"""Shared test setup: tiny CPU configs, one torch thread, fixture lookup, the `gpu` marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("AESERVE_FIXTURES", REPO.parent / "shared" / "fixtures" / "originals"))
+
+
+def _cuda_usable() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_usable():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is usable here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def fixture_dir(family: str) -> Path:
+    """The original-code fixtures of one family; skips (naming the path) where they are absent."""
+    path = FIXTURES / family
+    if not path.is_dir():
+        pytest.skip(f"conformance fixtures missing: {path} (expected ../shared/fixtures/originals beside the repo)")
+    return path
+
+
+def fixture_cases(family: str) -> list[str]:
+    """Case names of a family, for parametrize (empty list if the fixtures are absent)."""
+    path = FIXTURES / family
+    if not path.is_dir():
+        return []
+    return sorted(p.name[: -len(".json")] for p in path.glob("*.json"))
