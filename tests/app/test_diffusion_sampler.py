@@ -28,8 +28,13 @@ from tests.conftest import fixture_dir
 FAMILY = "diffusion-decoder"
 CASE = "unet_img32_b32_m1-2_att1_ddim10"
 
-LINEAR = {"kind": "ddim", "num_train_timesteps": 1000, "beta_schedule": "linear",
-          "beta_start": 1e-4, "beta_end": 0.02}
+LINEAR = {
+    "kind": "ddim",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+}
 
 
 def _spec(image_shape: tuple[int, int, int] = (1, 8, 8), condition_dim: int = 2, **kw: Any) -> SamplerSpec:
@@ -91,10 +96,15 @@ def test_schedule_matches_the_original_bit_for_bit() -> None:
 
 def test_schedule_known_answers() -> None:
     betas, alphas_cumprod = schedule_from_spec(_spec())
-    known = {0: (0.999899983, 9.99999975e-05), 1: (0.999780059, 0.000119919918),
-             99: (0.897017956, 0.00207207212), 249: (0.524085343, 0.00506005995),
-             499: (0.078587234, 0.0100400401), 980: (5.90375203e-05, 0.0196215212),
-             999: (4.03583035e-05, 0.0199999996)}
+    known = {
+        0: (0.999899983, 9.99999975e-05),
+        1: (0.999780059, 0.000119919918),
+        99: (0.897017956, 0.00207207212),
+        249: (0.524085343, 0.00506005995),
+        499: (0.078587234, 0.0100400401),
+        980: (5.90375203e-05, 0.0196215212),
+        999: (4.03583035e-05, 0.0199999996),
+    }
     for t, (alpha_bar, beta) in known.items():
         assert alphas_cumprod[t] == pytest.approx(alpha_bar, rel=1e-7)
         assert betas[t] == pytest.approx(beta, rel=1e-7)
@@ -129,8 +139,7 @@ def test_bad_specs_are_rejected_with_the_option_named() -> None:
     with pytest.raises(ValueError, match="num_train_timesteps"):
         schedule_from_spec(_spec(num_train_timesteps=None))
     with pytest.raises(ValueError, match="image_shape"):
-        ContinuousDdimSampler(SamplerSpec(**LINEAR), _toy_eps,
-                              max_batch_size=4, model="m", version="1")
+        ContinuousDdimSampler(SamplerSpec(**LINEAR), _toy_eps, max_batch_size=4, model="m", version="1")
 
 
 # ------------------------------------------------------------------------- fixture trajectory
@@ -162,8 +171,9 @@ def test_fixture_trajectory_replay(max_batch_size: int) -> None:
         sampler = ContinuousDdimSampler(spec, replay, max_batch_size=max_batch_size, model="fx", version="1")
         await sampler.start()
         try:
-            return await sampler.sample(2, steps, 0.0, io["ddim.condition"], seed=0, deadline=None,
-                                        x_T=io["ddim.x_T"])
+            return await sampler.sample(
+                2, steps, 0.0, io["ddim.condition"], seed=0, deadline=None, x_T=io["ddim.x_T"]
+            )
         finally:
             await sampler.stop()
 
@@ -190,9 +200,11 @@ def test_same_seed_same_images_alone_or_mixed(eta: float) -> None:
         sampler = ContinuousDdimSampler(spec, denoiser, max_batch_size=4, model="toy", version="1")
         await sampler.start()
         try:
-            results = await asyncio.gather(sampler.sample(**_request(2, 7, 0.3, seed=1)),
-                                           sampler.sample(**target),
-                                           sampler.sample(**_request(4, 20, eta, seed=2)))
+            results = await asyncio.gather(
+                sampler.sample(**_request(2, 7, 0.3, seed=1)),
+                sampler.sample(**target),
+                sampler.sample(**_request(4, 20, eta, seed=2)),
+            )
         finally:
             await sampler.stop()
         return results[1], denoiser
@@ -200,9 +212,9 @@ def test_same_seed_same_images_alone_or_mixed(eta: float) -> None:
     alone = _run(_alone(spec, **target))
     together, denoiser = _run(mixed())
     np.testing.assert_array_equal(together, alone)
-    assert max(len(t) for t in denoiser.calls) == 4              # the batch was full
+    assert max(len(t) for t in denoiser.calls) == 4  # the batch was full
     assert any(len(set(t.tolist())) > 1 for t in denoiser.calls)  # rows at different timesteps
-    assert len(denoiser.threads) == 1                             # one dedicated worker thread
+    assert len(denoiser.threads) == 1  # one dedicated worker thread
     other_seed = _run(_alone(spec, **{**target, "seed": 12}))
     assert not np.allclose(other_seed, alone)
 
@@ -311,8 +323,10 @@ def test_concurrent_requests_share_denoiser_calls() -> None:
     one, calls_one = _run(timed(1))
     eight, calls_eight = _run(timed(8))
     ratio = eight / one
-    print(f"1 request: {one * 1e3:.0f} ms ({calls_one} calls); 8 concurrent: {eight * 1e3:.0f} ms "
-          f"({calls_eight} calls); ratio {ratio:.2f}x (serial would be 8x)")
+    print(
+        f"1 request: {one * 1e3:.0f} ms ({calls_one} calls); 8 concurrent: {eight * 1e3:.0f} ms "
+        f"({calls_eight} calls); ratio {ratio:.2f}x (serial would be 8x)"
+    )
     assert calls_one == calls_eight == 50
     assert ratio < 3.0
 
@@ -325,17 +339,20 @@ def test_deadline_fails_only_that_request() -> None:
     slow, patient = _request(1, 50, 0.0, seed=1), _request(1, 30, 0.0, seed=2)
 
     async def main() -> tuple[BaseException | np.ndarray, ...]:
-        sampler = ContinuousDdimSampler(spec, RecordingDenoiser(delay=0.004), max_batch_size=8,
-                                        model="toy", version="1")
+        sampler = ContinuousDdimSampler(
+            spec, RecordingDenoiser(delay=0.004), max_batch_size=8, model="toy", version="1"
+        )
         await sampler.start()
         now = asyncio.get_running_loop().time()  # deadlines are on the event loop's clock
         try:
-            return tuple(await asyncio.gather(
-                sampler.sample(**{**slow, "deadline": now + 0.05}),
-                sampler.sample(**patient),
-                sampler.sample(**{**slow, "deadline": now - 1}),
-                return_exceptions=True,
-            ))
+            return tuple(
+                await asyncio.gather(
+                    sampler.sample(**{**slow, "deadline": now + 0.05}),
+                    sampler.sample(**patient),
+                    sampler.sample(**{**slow, "deadline": now - 1}),
+                    return_exceptions=True,
+                )
+            )
         finally:
             await sampler.stop()
 
@@ -378,8 +395,9 @@ def test_stop_drains_running_requests_then_refuses_new_ones() -> None:
     spec = _spec()
 
     async def main() -> None:
-        sampler = ContinuousDdimSampler(spec, RecordingDenoiser(delay=0.002), max_batch_size=8,
-                                        model="toy", version="1")
+        sampler = ContinuousDdimSampler(
+            spec, RecordingDenoiser(delay=0.002), max_batch_size=8, model="toy", version="1"
+        )
         with pytest.raises(SamplerStopped):
             await sampler.sample(**_request(1, 5, 0.0, seed=1))
         await sampler.start()
@@ -390,8 +408,9 @@ def test_stop_drains_running_requests_then_refuses_new_ones() -> None:
         with pytest.raises(SamplerStopped):
             await sampler.sample(**_request(1, 5, 0.0, seed=1))
 
-        sampler = ContinuousDdimSampler(spec, RecordingDenoiser(delay=0.005), max_batch_size=8,
-                                        model="toy", version="1")
+        sampler = ContinuousDdimSampler(
+            spec, RecordingDenoiser(delay=0.005), max_batch_size=8, model="toy", version="1"
+        )
         await sampler.start()
         running = asyncio.create_task(sampler.sample(**_request(1, 200, 0.0, seed=1)))
         await asyncio.sleep(0.02)
@@ -436,10 +455,16 @@ def test_invalid_requests_name_the_argument() -> None:
         await sampler.start()
         try:
             good = _request(2, 10, 0.0, seed=1)
-            for bad, word in [({"steps": 0}, "steps"), ({"steps": 101}, "steps"), ({"eta": -0.1}, "eta"),
-                              ({"eta": 1.5}, "eta"), ({"num_samples": 0}, "num_samples"),
-                              ({"seed": -1}, "seed"), ({"condition": None}, "condition"),
-                              ({"condition": np.zeros((2, 3), np.float32)}, "condition")]:
+            for bad, word in [
+                ({"steps": 0}, "steps"),
+                ({"steps": 101}, "steps"),
+                ({"eta": -0.1}, "eta"),
+                ({"eta": 1.5}, "eta"),
+                ({"num_samples": 0}, "num_samples"),
+                ({"seed": -1}, "seed"),
+                ({"condition": None}, "condition"),
+                ({"condition": np.zeros((2, 3), np.float32)}, "condition"),
+            ]:
                 with pytest.raises(InvalidSampleRequest, match=word) as err:
                     await sampler.sample(**{**good, **bad})
                 assert err.value.field == word and isinstance(err.value, ValueError)
@@ -462,8 +487,9 @@ def test_metrics_are_recorded() -> None:
         sampler = ContinuousDdimSampler(spec, _toy_eps, max_batch_size=4, model="metrics-toy", version="7")
         await sampler.start()
         try:
-            await asyncio.gather(sampler.sample(**_request(3, 10, 0.0, seed=1)),
-                                 sampler.sample(**_request(2, 10, 0.0, seed=2)))
+            await asyncio.gather(
+                sampler.sample(**_request(3, 10, 0.0, seed=1)), sampler.sample(**_request(2, 10, 0.0, seed=2))
+            )
         finally:
             await sampler.stop()
 

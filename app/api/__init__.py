@@ -1,0 +1,1 @@
+"""HTTP routes, one module per group, plus their dependencies (deps) and body helpers (io)."""

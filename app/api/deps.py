@@ -1,0 +1,101 @@
+"""`Annotated` dependencies: settings, the model registry and one ready model, from `app.state`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.errors import CapabilityNotOffered, ModelNotFound, ModelUnavailable, status_and_reason
+from app.metrics import FAILURES, REQUEST_DURATION, REQUESTS
+from app.settings import Settings
+from app.store import ModelRecord, ModelRegistry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.models
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+
+
+def get_record(name: str, registry: RegistryDep) -> ModelRecord:
+    """Any model of the store by name (ready or not); 404 for names the store does not hold."""
+    record = registry.get(name)
+    if record is None:
+        raise ModelNotFound(f"no model named {name!r}", field="name", limit=sorted(r.name for r in registry))
+    return record
+
+
+RecordDep = Annotated[ModelRecord, Depends(get_record)]
+
+
+ROUTE_OPS = frozenset({"encode", "decode", "reconstruct", "attention-map", "sample"})
+
+
+def get_ready_model(record: RecordDep, request: Request) -> ModelRecord:
+    """A model that can serve now; 503 (with the reason) for unavailable or still-loading models."""
+    error = None
+    if record.state == "unavailable":
+        error = ModelUnavailable(f"model {record.name!r} is unavailable: {record.reason}", field="name")
+    elif record.state != "ready" or record.engine is None:
+        error = ModelUnavailable(
+            f"model {record.name!r} is not ready yet", field="name", code="model_not_ready"
+        )
+    if error is None:
+        return record
+    op = request.url.path.rsplit("/", 1)[-1]
+    labels = (record.name, record.label_version, op if op in ROUTE_OPS else "")
+    FAILURES.labels(*labels, "model_unavailable").inc()
+    REQUESTS.labels(*labels, "503").inc()
+    error.aeserve_counted = True  # type: ignore[attr-defined]
+    raise error
+
+
+ModelDep = Annotated[ModelRecord, Depends(get_ready_model)]
+
+
+def require_capability(record: ModelRecord, capability: str) -> None:
+    assert record.manifest is not None
+    if capability not in record.manifest.capabilities:
+        raise CapabilityNotOffered(
+            f"model {record.name!r} does not offer {capability!r}",
+            field="capability",
+            limit=list(record.manifest.capabilities),
+        )
+
+
+def deadline_from_now(settings: Settings) -> float:
+    """Absolute deadline on the event loop's (= time.monotonic) clock."""
+    return asyncio.get_running_loop().time() + settings.request_timeout_s
+
+
+@asynccontextmanager
+async def track(record: ModelRecord, op: str) -> AsyncIterator[None]:
+    """Count the request by status, time it, and count failures by their bounded reason."""
+    labels = (record.name, record.label_version, op)
+    started = time.perf_counter()
+    status = 200
+    try:
+        yield
+    except asyncio.CancelledError:
+        status = 499
+        FAILURES.labels(*labels, "client_disconnected").inc()
+        raise
+    except Exception as exc:
+        status, reason = status_and_reason(exc)
+        FAILURES.labels(*labels, reason).inc()
+        exc.aeserve_counted = True  # type: ignore[attr-defined]
+        raise
+    finally:
+        REQUESTS.labels(*labels, str(status)).inc()
+        REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)

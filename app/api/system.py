@@ -1,0 +1,104 @@
+"""System routes: model list and summaries, liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import RecordDep, RegistryDep, SettingsDep
+from app.metrics import REGISTRY
+from app.runtime.torch_export import SALIENCY_METHOD
+from app.store import ModelRecord
+
+router = APIRouter(tags=["system"])
+
+
+def providers(record: ModelRecord) -> dict[str, str]:
+    return {op: runtime.provider for op, runtime in record.runtimes.items()}
+
+
+def list_item(record: ModelRecord) -> dict[str, Any]:
+    manifest = record.manifest
+    return {
+        "name": record.name,
+        "version": record.version,
+        "state": record.state,
+        "reason": record.reason,
+        "family": manifest.family if manifest else None,
+        "capabilities": list(manifest.capabilities) if manifest and record.state != "unavailable" else [],
+        "providers": providers(record),
+    }
+
+
+def summary(record: ModelRecord, settings_max_batch: int) -> dict[str, Any]:
+    """Everything a client needs to call the model, plus where it came from and how good it is."""
+    item = list_item(record)
+    manifest = record.manifest
+    if manifest is None:
+        return item
+    ops = {}
+    for name, op in manifest.ops.items():
+        ops[name] = {
+            "inputs": [s.model_dump() for s in op.inputs],
+            "outputs": [s.model_dump() for s in op.outputs],
+            "formats": sorted(op.artifacts),
+            "serving_format": record.formats.get(name),
+            "provider": record.runtimes[name].provider if name in record.runtimes else None,
+            "max_batch_size": min(op.max_batch_size, settings_max_batch),
+            "shape_buckets": op.shape_buckets,
+        }
+    saliency = None
+    if manifest.saliency is not None:
+        saliency = {
+            **manifest.saliency.model_dump(),
+            "available": record.saliency is not None,
+            "reason": record.saliency_reason,
+            "method": SALIENCY_METHOD,
+        }
+    return {
+        **item,
+        "description": manifest.description,
+        "config": manifest.config,
+        "preprocessing": manifest.preprocessing.model_dump(),
+        "ops": ops,
+        "artifacts": [a.model_dump() for a in manifest.artifacts],
+        "saliency": saliency,
+        "sampler": manifest.sampler.model_dump() if manifest.sampler else None,
+        "training": manifest.training,
+        "provenance": manifest.provenance,
+        "load_seconds": round(record.load_seconds, 4),
+    }
+
+
+@router.get("/v1/models", summary="Every model of the store with its state (ready / unavailable + reason)")
+async def list_models(registry: RegistryDep) -> dict[str, Any]:
+    return {"models": [list_item(r) for r in registry]}
+
+
+@router.get(
+    "/v1/models/{name}", summary="Manifest summary: capabilities, I/O, preprocessing, artifacts, metrics"
+)
+async def describe_model(record: RecordDep, settings: SettingsDep) -> dict[str, Any]:
+    return summary(record, settings.max_batch_size)
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", summary="Readiness: 200 once every available model is warm, 503 before and while draining"
+)
+async def readyz(request: Request, registry: RegistryDep) -> Response:
+    ready = bool(getattr(request.app.state, "ready", False)) and registry.all_ready
+    body = {"ready": ready, "models": {r.name: r.state for r in registry}}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,210 @@
+"""The lifespan owns every resource: load store -> runtimes -> warm up -> engines/samplers -> ready -> drain.
+
+Everything lives on `app.state` (`settings`, `models`, `ready`) and is reached through the
+`Annotated` dependencies of `app.api.deps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI
+
+from app.batcher import Engine
+from app.metrics import MODEL_LOAD_SECONDS, MODEL_READY
+from app.schemas.manifest import OpSpec, TensorSpec
+from app.settings import Settings
+from app.store import ModelRecord, ModelRegistry, load_model, scan_store
+
+log = logging.getLogger(__name__)
+
+SALIENCY_OP = "saliency"  # engine queue of the input-gradient (torch.export) computation
+
+
+class StartupError(RuntimeError):
+    """strict=True and a model failed verification or loading."""
+
+
+def warmup_batch_sizes(max_batch: int) -> list[int]:
+    """1 and every power of two up to `max_batch`, plus `max_batch` itself."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_batch)
+    return sizes
+
+
+def shape_buckets(record: ModelRecord, op: OpSpec) -> list[tuple[int, int] | None]:
+    """The (H, W) sizes an op with an image input is run at: its fixed size, else input_size + buckets."""
+    assert record.manifest is not None
+    images = [s for s in op.inputs if len(s.shape) == 4]
+    if not images:
+        return [None]
+    _, _, height, width = images[0].shape
+    if height > 0 and width > 0:
+        return [(height, width)]
+    buckets: list[tuple[int, int] | None] = []
+    if record.manifest.preprocessing.input_size is not None:
+        buckets.append(tuple(record.manifest.preprocessing.input_size))
+    buckets += [tuple(b) for b in op.shape_buckets if len(b) == 2]
+    return list(dict.fromkeys(buckets)) or [tuple(record.manifest.preprocessing.min_hw)]
+
+
+def dummy_inputs(specs: list[TensorSpec], batch: int, hw: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    """Inputs of the given batch size for warm-up: images filled with 0.5, integers with 0."""
+    arrays = {}
+    for spec in specs:
+        shape = list(spec.shape[1:])
+        if len(shape) == 3 and hw is not None:
+            shape[1] = hw[0] if shape[1] <= 0 else shape[1]
+            shape[2] = hw[1] if shape[2] <= 0 else shape[2]
+        shape = [batch, *(s if s >= 0 else 1 for s in shape)]
+        fill = 0.5 if spec.dtype.startswith("float") else 0
+        arrays[spec.name] = np.full(shape, fill, dtype=spec.dtype)
+    return arrays
+
+
+def warm_up(record: ModelRecord, settings: Settings) -> int:
+    """Run every op at every shape bucket x batch size once (blocking); returns the number of runs."""
+    assert record.manifest is not None
+    runs = 0
+    for op_name, runtime in record.runtimes.items():
+        op = record.op(op_name)
+        if not op.inputs:
+            runtime.run({})
+            runs += 1
+            continue
+        max_batch = min(settings.max_batch_size, op.max_batch_size)
+        for hw in shape_buckets(record, op):
+            for batch in warmup_batch_sizes(max_batch):
+                runtime.run(dummy_inputs(op.inputs, batch, hw))
+                runs += 1
+    if record.saliency is not None and record.manifest.saliency is not None:
+        op = record.op(record.manifest.saliency.op)
+        for hw in shape_buckets(record, op):
+            x = dummy_inputs(op.inputs[:1], 1, hw)[op.inputs[0].name]
+            record.saliency.input_gradient(x, record.manifest.saliency)
+            runs += 1
+    return runs
+
+
+def build_engine(record: ModelRecord, settings: Settings) -> Engine:
+    assert record.manifest is not None and record.version is not None
+    engine = Engine(
+        record.name,
+        record.version,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_delay_ms / 1000.0,
+        max_queue_items=settings.max_queue_items,
+        idle_start=settings.idle_start,
+    )
+    for op_name, runtime in record.runtimes.items():
+        op = record.op(op_name)
+        engine.register(op_name, runtime.run, max_batch_size=op.max_batch_size, has_inputs=bool(op.inputs))
+    if record.saliency is not None and record.manifest.saliency is not None:
+        spec = record.manifest.saliency
+        op = record.op(spec.op)
+        input_name = op.inputs[0].name
+        saliency = record.saliency
+
+        def gradient(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"grad_abs": saliency.input_gradient(inputs[input_name], spec)}
+
+        engine.register(SALIENCY_OP, gradient, max_batch_size=op.max_batch_size)
+    return engine
+
+
+def build_sampler(record: ModelRecord, settings: Settings):
+    """The ddim sampler of a diffusion model, driving its `denoise` op."""
+    from app.diffusion import ContinuousDdimSampler  # the diffusion module is optional at import time
+
+    assert record.manifest is not None and record.manifest.sampler is not None
+    runtime = record.runtimes.get("denoise")
+    if runtime is None:
+        raise RuntimeError("sampler kind 'ddim' needs op 'denoise'")
+    names = [s.name for s in record.op("denoise").inputs]
+    output = record.op("denoise").outputs[0].name
+
+    def run_denoise(x_t: np.ndarray, t: np.ndarray, condition: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(names, (x_t, t.astype(np.int64), condition), strict=False))
+        return runtime.run(feeds)[output]
+
+    max_batch = min(settings.max_batch_size, record.op("denoise").max_batch_size)
+    return ContinuousDdimSampler(
+        record.manifest.sampler,
+        run_denoise,
+        max_batch_size=max_batch,
+        model=record.name,
+        version=record.version or "",
+    )
+
+
+async def start_model(record: ModelRecord, settings: Settings) -> None:
+    """Warm up and start one loaded model; failures make it unavailable (or raise under strict)."""
+    started = time.perf_counter()
+    try:
+        if settings.warmup:
+            runs = await asyncio.to_thread(warm_up, record, settings)
+            log.info("%s/%s warmed up with %d runs", record.name, record.version, runs)
+        record.engine = build_engine(record, settings)
+        await record.engine.start()
+        sampler = record.manifest.sampler if record.manifest else None
+        if sampler is not None and sampler.kind == "ddim":
+            record.sampler = build_sampler(record, settings)
+            await record.sampler.start()
+    except Exception as exc:
+        log.exception("starting %s/%s failed", record.name, record.version)
+        await stop_model(record)
+        record.fail(f"start-up failed: {type(exc).__name__}: {exc}")
+        return
+    record.load_seconds += time.perf_counter() - started
+    record.state = "ready"
+    MODEL_LOAD_SECONDS.labels(record.name, record.label_version).set(record.load_seconds)
+    MODEL_READY.labels(record.name, record.label_version).set(1)
+
+
+async def stop_model(record: ModelRecord) -> None:
+    if record.sampler is not None:
+        try:
+            await record.sampler.stop()
+        except Exception:
+            log.exception("stopping the sampler of %s failed", record.name)
+        record.sampler = None
+    if record.engine is not None:
+        await record.engine.stop(drain=True)
+        record.engine = None
+    if record.version is not None:
+        MODEL_READY.labels(record.name, record.label_version).set(0)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    registry = ModelRegistry()
+    app.state.models = registry
+    app.state.ready = False
+    try:
+        for record in scan_store(settings.store):
+            registry.add(record)
+            MODEL_READY.labels(record.name, record.label_version).set(0)
+        for record in registry:
+            started = time.perf_counter()
+            await asyncio.to_thread(load_model, record, settings)
+            record.load_seconds = time.perf_counter() - started
+            if record.state != "unavailable":
+                await start_model(record, settings)
+            if record.state == "unavailable" and settings.strict:
+                raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
+        app.state.ready = True
+        log.info("ready: %s", ", ".join(f"{r.name}/{r.version}={r.state}" for r in registry) or "no models")
+        yield
+    finally:
+        app.state.ready = False
+        for record in registry:
+            await stop_model(record)

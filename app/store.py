@@ -1,0 +1,251 @@
+"""The model store: scan, validate manifests, verify every artifact, pick and load a runtime per op.
+
+Layout: `<store>/<model>/<version>/manifest.json` plus the files its `artifacts` list. The newest
+version of each model (numeric order: "10" > "9", "1.10" > "1.9") is served. A model that fails any
+check is kept as `unavailable` with its reason, so `/v1/models` can say why it is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from app.runtime.base import Runtime, RuntimeLoadError
+from app.schemas.manifest import ArtifactFormat, Manifest, OpSpec
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ModelState = Literal["loading", "ready", "unavailable"]
+
+
+class StoreError(Exception):
+    """A model version that cannot be served; the message is the reason shown to clients."""
+
+
+@dataclass(eq=False)
+class ModelRecord:
+    """One model of the store and everything the service built for it (owned by the lifespan)."""
+
+    name: str
+    version: str | None = None
+    path: Path | None = None
+    manifest: Manifest | None = None
+    state: ModelState = "loading"
+    reason: str = ""
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+    formats: dict[str, ArtifactFormat] = field(default_factory=dict)
+    saliency: Any = None  # TorchExportRuntime of manifest.saliency.op, when loadable
+    saliency_reason: str = ""  # why it is not, when it is not
+    engine: Any = None  # app.batcher.Engine
+    sampler: Any = None  # app.diffusion.ContinuousDdimSampler (ddim models)
+    load_seconds: float = 0.0
+
+    def fail(self, reason: str) -> None:
+        self.state = "unavailable"
+        self.reason = reason
+        log.error("model %s/%s unavailable: %s", self.name, self.version, reason)
+
+    @property
+    def label_version(self) -> str:
+        return self.version or ""
+
+    def op(self, name: str) -> OpSpec:
+        assert self.manifest is not None
+        return self.manifest.ops[name]  # type: ignore[index]
+
+
+def version_key(version: str) -> tuple:
+    """Numeric-aware sort key: '10' > '9', 'v1.10' > 'v1.9'; non-numeric parts compare as text."""
+    parts = re.split(r"(\d+)", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p != "")
+
+
+def scan_store(root: Path) -> list[ModelRecord]:
+    """One record per model directory, pointing at its newest version (or unavailable with a reason)."""
+    if not root.is_dir():
+        log.warning("model store %s does not exist; serving no models", root)
+        return []
+    records = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = [v for v in model_dir.iterdir() if v.is_dir() and (v / MANIFEST).is_file()]
+        if not versions:
+            continue
+        newest = max(versions, key=lambda v: version_key(v.name))
+        records.append(ModelRecord(name=model_dir.name, version=newest.name, path=newest))
+    return records
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    try:
+        raw = json.loads((version_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"manifest.json unreadable: {exc}") from exc
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise StoreError(
+            f"manifest invalid at {where}: {first['msg']} ({exc.error_count()} error(s))"
+        ) from exc
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def resolve_artifact(version_dir: Path, relative: str) -> Path:
+    path = (version_dir / relative).resolve()
+    if not path.is_relative_to(version_dir.resolve()):
+        raise StoreError(f"artifact {relative!r} points outside its version directory")
+    return path
+
+
+def verify_artifacts(manifest: Manifest, version_dir: Path) -> None:
+    """Every artifact record exists with its exact size and sha256."""
+    for record in manifest.artifacts:
+        path = resolve_artifact(version_dir, record.path)
+        if not path.is_file():
+            raise StoreError(f"artifact {record.path} is missing")
+        size = path.stat().st_size
+        if size != record.bytes:
+            raise StoreError(f"artifact {record.path} has {size} bytes, manifest says {record.bytes}")
+        digest = sha256_file(path)
+        if digest != record.sha256.lower():
+            raise StoreError(
+                f"artifact {record.path} sha256 mismatch: {digest[:12]}… != {record.sha256[:12]}…"
+            )
+
+
+def choose_format(op: OpSpec, prefer: str) -> ArtifactFormat:
+    """The format to serve an op with: the preferred one, then onnx, aoti, torch_export."""
+    for fmt in (prefer, "onnx", "aoti", "torch_export"):
+        if fmt in op.artifacts:
+            return fmt  # type: ignore[return-value]
+    raise StoreError("op has no artifact")
+
+
+def load_runtime(fmt: ArtifactFormat, path: Path, op: OpSpec, settings: Settings) -> Runtime:
+    if fmt == "onnx":
+        from app.runtime.onnx import OnnxRuntime
+
+        return OnnxRuntime(path, device=settings.device, intra_op_threads=settings.intra_op_threads)
+    if fmt == "aoti":
+        from app.runtime.aoti import AotiRuntime
+
+        return AotiRuntime(
+            path,
+            inputs=op.inputs,
+            outputs=op.outputs,
+            device=settings.device,
+            intra_op_threads=settings.intra_op_threads,
+        )
+    from app.runtime.torch_export import TorchExportRuntime
+
+    return TorchExportRuntime(
+        path,
+        input_names=[s.name for s in op.inputs],
+        output_names=[s.name for s in op.outputs],
+        device=settings.device,
+        intra_op_threads=settings.intra_op_threads,
+    )
+
+
+def load_model(record: ModelRecord, settings: Settings) -> None:
+    """Validate, verify and load runtimes into `record` (blocking); on failure `record.fail(reason)`."""
+    assert record.path is not None
+    try:
+        manifest = read_manifest(record.path)
+        record.manifest = manifest
+        if manifest.name != record.name or manifest.version != record.version:
+            log.warning(
+                "manifest of %s says %s/%s; serving it under the directory names",
+                record.path,
+                manifest.name,
+                manifest.version,
+            )
+        verify_artifacts(manifest, record.path)
+        for op_name, op in manifest.ops.items():
+            fmt = choose_format(op, settings.prefer)
+            try:
+                record.runtimes[op_name] = load_runtime(
+                    fmt, resolve_artifact(record.path, op.artifacts[fmt]), op, settings
+                )
+            except RuntimeLoadError as exc:
+                # the preferred format may need torch; fall back to ONNX when it exists
+                if fmt != "onnx" and "onnx" in op.artifacts:
+                    log.warning("%s/%s %s: %s; using onnx", record.name, record.version, op_name, exc)
+                    fmt = "onnx"
+                    record.runtimes[op_name] = load_runtime(
+                        fmt, resolve_artifact(record.path, op.artifacts[fmt]), op, settings
+                    )
+                else:
+                    raise StoreError(f"op {op_name}: {exc}") from exc
+            record.formats[op_name] = fmt
+        _load_saliency(record, manifest, settings)
+    except (StoreError, RuntimeLoadError) as exc:
+        record.fail(str(exc))
+    except Exception as exc:  # a broken artifact must not take the service down
+        log.exception("loading %s/%s failed", record.name, record.version)
+        record.fail(f"{type(exc).__name__}: {exc}")
+
+
+def _load_saliency(record: ModelRecord, manifest: Manifest, settings: Settings) -> None:
+    if manifest.saliency is None:
+        return
+    op = manifest.ops.get(manifest.saliency.op)
+    if op is None or "torch_export" not in op.artifacts:
+        record.saliency_reason = f"op {manifest.saliency.op!r} has no torch_export artifact"
+        return
+    existing = record.runtimes.get(manifest.saliency.op)
+    if existing is not None and existing.format == "torch_export":
+        record.saliency = existing
+        return
+    try:
+        from app.runtime.torch_export import TorchExportRuntime
+
+        assert record.path is not None
+        record.saliency = TorchExportRuntime(
+            resolve_artifact(record.path, op.artifacts["torch_export"]),
+            input_names=[s.name for s in op.inputs],
+            output_names=[s.name for s in op.outputs],
+            device=settings.device,
+            intra_op_threads=settings.intra_op_threads,
+        )
+    except RuntimeLoadError as exc:
+        record.saliency_reason = str(exc)
+        log.warning("%s/%s: saliency unavailable: %s", record.name, record.version, exc)
+
+
+class ModelRegistry:
+    """Name -> ModelRecord, on `app.state.models`."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, ModelRecord] = {}
+
+    def add(self, record: ModelRecord) -> None:
+        self.records[record.name] = record
+
+    def get(self, name: str) -> ModelRecord | None:
+        return self.records.get(name)
+
+    def __iter__(self):
+        return iter(self.records.values())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def all_ready(self) -> bool:
+        """Every model that is not unavailable is warm (vacuously true for an empty store)."""
+        return all(r.state != "loading" for r in self.records.values())

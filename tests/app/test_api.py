@@ -1,0 +1,434 @@
+"""Every endpoint's happy path and every client mistake as a 4xx naming the field and the limit."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tifffile
+from PIL import Image
+
+from app import codecs
+from tests.app.conftest import npy_bytes
+
+RNG = np.random.default_rng(1)
+
+
+def images(n: int, h: int = 16, w: int = 16) -> np.ndarray:
+    return RNG.random((n, 1, h, w)).astype(np.float32)
+
+
+def png(array_hw: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array_hw).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_npy(content: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(content))
+
+
+def session(store, model: str, version: str, file: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(store / model / version / file), providers=["CPUExecutionProvider"])
+
+
+def assert_error(response, status: int, field: str | None = None, limit=..., code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "field", "limit"}
+    if field is not None:
+        assert error["field"] == field
+    if limit is not ...:
+        assert error["limit"] == limit
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# ----------------------------------------------------------------------------------------- system
+def test_models_list_states_and_reasons(client):
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert models["tiny-ae"]["version"] == "10"  # numeric order: 10 > 9 > 2
+    assert models["tiny-ae"]["state"] == "ready"
+    assert models["tiny-ae"]["providers"]["encode"] == "CPUExecutionProvider"
+    assert models["tiny-broken"]["state"] == "unavailable"
+    assert "sha256 mismatch" in models["tiny-broken"]["reason"]
+    assert "README.md" not in models
+
+
+def test_model_summary(client):
+    body = client.get("/v1/models/tiny-ae").json()
+    assert body["capabilities"] == ["encode", "decode", "reconstruct", "sample", "attention-map"]
+    assert body["ops"]["encode"]["inputs"][0]["shape"] == [-1, 1, 16, 16]
+    assert body["ops"]["reconstruct"]["serving_format"] == "onnx"
+    assert body["ops"]["reconstruct"]["provider"] == "CPUExecutionProvider"
+    assert body["preprocessing"]["input_size"] == [16, 16]
+    assert {a["path"] for a in body["artifacts"]} >= {"encode.onnx", "reconstruct.pt2"}
+    assert body["artifacts"][0]["parity_max_abs_err"] == {"2x1x16x16": 0.0}
+    assert body["training"]["val_psnr"] == 12.5
+    assert body["saliency"]["available"] is True
+    assert "torch.export" in body["saliency"]["method"]
+
+
+def test_health_ready_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'aeserve_model_ready{model="tiny-ae",version="10"} 1.0' in metrics.text
+    assert 'aeserve_model_ready{model="tiny-broken",version="1"} 0.0' in metrics.text
+
+
+def test_unavailable_and_unknown_models(client):
+    error = assert_error(
+        client.post("/v1/models/tiny-broken/encode", content=npy_bytes(images(1))),
+        503,
+        field="name",
+        code="model_unavailable",
+    )
+    assert "sha256" in error["message"]
+    error = assert_error(
+        client.post("/v1/models/nope/encode", content=b""), 404, field="name", code="model_not_found"
+    )
+    assert "tiny-ae" in error["limit"]
+    assert_error(client.get("/v1/models/nope"), 404, field="name")
+    assert client.get("/v1/models/tiny-broken").json()["state"] == "unavailable"
+
+
+# ----------------------------------------------------------------------------------------- encode / decode
+def test_encode_stack_gives_t_by_d_latents_matching_onnx(client, store):
+    x = images(5)
+    response = client.post("/v1/models/tiny-ae/encode", content=npy_bytes(x))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["shape"] == [5, 8]
+    expected = session(store, "tiny-ae", "10", "encode.onnx").run(None, {"image": x})[0]
+    np.testing.assert_allclose(np.array(body["latents"]), expected, atol=1e-5)
+    npy = client.post(
+        "/v1/models/tiny-ae/encode", content=npy_bytes(x), headers={"Accept": "application/x-npy"}
+    )
+    assert npy.headers["content-type"] == codecs.NPY_MEDIA_TYPE
+    np.testing.assert_allclose(load_npy(npy.content), expected, atol=1e-5)
+
+
+def test_encode_png_tiff_and_multipart(client):
+    gray8 = RNG.integers(0, 256, (16, 16), dtype=np.uint8)
+    gray16 = RNG.integers(0, 65536, (16, 16), dtype=np.uint16)
+    a = client.post("/v1/models/tiny-ae/encode", content=png(gray8), headers={"Content-Type": "image/png"})
+    b = client.post("/v1/models/tiny-ae/encode", content=npy_bytes(gray8 / 255.0))
+    np.testing.assert_allclose(a.json()["latents"], b.json()["latents"], atol=1e-5)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.stack([gray16, gray16]), photometric="minisblack")
+    t = client.post(
+        "/v1/models/tiny-ae/encode", content=buffer.getvalue(), headers={"Content-Type": "image/tiff"}
+    )
+    assert t.json()["shape"] == [2, 8]
+    files = [
+        ("files", ("a.png", png(gray8), "image/png")),
+        ("files", ("b.npy", npy_bytes(images(3)), "x")),
+        ("file", ("c.png", png(gray8), "image/png")),
+    ]
+    m = client.post("/v1/models/tiny-ae/encode", files=files)
+    assert m.status_code == 200 and m.json()["shape"] == [5, 8]
+    np.testing.assert_allclose(m.json()["latents"][0], a.json()["latents"][0], atol=1e-5)
+
+
+def test_encode_rgb_is_converted_and_other_sizes_resized(client):
+    rgb = RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    response = client.post("/v1/models/tiny-ae/encode", content=png(rgb))
+    assert response.status_code == 200 and response.json()["shape"] == [1, 8]
+
+
+def test_dynamic_encode_accepts_any_size_without_resizing(client, store):
+    x = images(2, 24, 40)
+    body = client.post("/v1/models/tiny-dyn/encode", content=npy_bytes(x)).json()
+    expected = session(store, "tiny-dyn", "1", "encode.onnx").run(None, {"image": x})[0]
+    np.testing.assert_allclose(np.array(body["latents"]), expected, atol=1e-5)
+    assert_error(
+        client.post("/v1/models/tiny-dyn/encode", content=npy_bytes(images(1, 4, 40))),
+        422,
+        field="file",
+        limit=">= 8x8",
+        code="image_too_small",
+    )
+
+
+def test_decode_json_and_npy(client, store):
+    z = RNG.standard_normal((3, 8)).astype(np.float32)
+    expected = session(store, "tiny-ae", "10", "decode.onnx").run(None, {"latent": z})[0]
+    out = client.post("/v1/models/tiny-ae/decode?format=npy", json={"latents": z.tolist()})
+    np.testing.assert_allclose(load_npy(out.content), expected, atol=1e-5)
+    out = client.post(
+        "/v1/models/tiny-ae/decode", content=npy_bytes(z), headers={"Accept": "application/json"}
+    )
+    assert out.json()["shape"] == [3, 1, 16, 16]
+    grid = client.post("/v1/models/tiny-ae/decode", json={"latents": z.tolist()})
+    assert grid.headers["content-type"] == "image/png"
+    assert (grid.headers["x-grid-rows"], grid.headers["x-grid-cols"], grid.headers["x-image-count"]) == (
+        "2",
+        "2",
+        "3",
+    )
+
+
+def test_fixed_render_decode_with_empty_body(client, store):
+    expected = session(store, "tiny-render", "1", "decode.onnx").run(None, {})[0]
+    out = client.post("/v1/models/tiny-render/decode?format=npy")
+    np.testing.assert_allclose(load_npy(out.content), expected, atol=1e-6)
+    picture = client.post("/v1/models/tiny-render/decode")
+    decoded = codecs.decode_image_bytes(picture.content)
+    assert decoded.shape == (1, 3, 8, 8)
+    np.testing.assert_allclose(decoded[0], (expected[0] + 1) / 2, atol=1 / 255)
+    assert_error(
+        client.post("/v1/models/tiny-render/decode", json={"latents": [[1.0]]}), 422, field="latents", limit=0
+    )
+
+
+# ----------------------------------------------------------------------------------------- reconstruct
+def test_reconstruct_png_npy_json_and_16_bit(client, store):
+    x = images(1)
+    expected = session(store, "tiny-ae", "10", "reconstruct.onnx").run(None, {"image": x})[0]
+    npy = client.post(
+        "/v1/models/tiny-ae/reconstruct", content=npy_bytes(x), headers={"Accept": "application/x-npy"}
+    )
+    np.testing.assert_allclose(load_npy(npy.content), expected, atol=1e-5)
+    png8 = client.post("/v1/models/tiny-ae/reconstruct", content=npy_bytes(x))
+    assert png8.headers["content-type"] == "image/png" and png8.headers["x-image-count"] == "1"
+    np.testing.assert_allclose(codecs.decode_image_bytes(png8.content)[0], expected[0], atol=0.5 / 255 + 1e-5)
+    png16 = client.post("/v1/models/tiny-ae/reconstruct?bit_depth=16", content=npy_bytes(x))
+    np.testing.assert_allclose(codecs.decode_image_bytes(png16.content)[0], expected[0], atol=1e-4)
+    js = client.post("/v1/models/tiny-ae/reconstruct?format=json", content=npy_bytes(x)).json()
+    assert js["shape"] == [1, 1, 16, 16] and js["output_range"] == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------- attention
+def test_attention_map_json_and_png(client, store, tiny_ae_modules):
+    torch = pytest.importorskip("torch")
+    x = images(2)
+    body = client.post("/v1/models/tiny-ae/attention-map", content=npy_bytes(x)).json()
+    expected = session(store, "tiny-ae", "10", "attention.onnx").run(None, {"image": x})[0]
+    np.testing.assert_allclose(np.array(body["attention"]), expected, atol=1e-5)
+    assert body["attention_shape"] == [2, 16, 16] and body["saliency_shape"] == [2, 1, 16, 16]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    loss = ((tiny_ae_modules["reconstruct"](xt) - xt) ** 2).sum()
+    (grad,) = torch.autograd.grad(loss, xt)
+    grad = grad.abs().numpy()
+    reference = (grad - grad.min()) / (grad.max() - grad.min() + 1e-8)
+    np.testing.assert_allclose(np.array(body["saliency"]), reference, atol=1e-4)
+    assert "input-gradient via torch.export program" in body["methods"]["saliency"]
+    picture = client.post("/v1/models/tiny-ae/attention-map?format=png", content=npy_bytes(x))
+    assert picture.headers["content-type"] == "image/png"
+    assert picture.headers["x-saliency-method"] == "input-gradient via torch.export program"
+    assert codecs.decode_image_bytes(picture.content).shape[1] == 3
+    alone = client.post("/v1/models/tiny-ae/attention-map?saliency=false", content=npy_bytes(x)).json()
+    assert alone["saliency"] is None and alone["attention_shape"] == [2, 16, 16]
+
+
+# ----------------------------------------------------------------------------------------- sample
+def test_sample_prior_gaussian_is_seeded(client, store):
+    a = client.post("/v1/models/tiny-ae/sample?format=npy", json={"num_samples": 3, "seed": 7})
+    b = client.post("/v1/models/tiny-ae/sample?format=npy", json={"num_samples": 3, "seed": 7})
+    c = client.post("/v1/models/tiny-ae/sample?format=npy", json={"num_samples": 3, "seed": 8})
+    assert a.headers["x-seed"] == "7" and a.headers["x-sampler"] == "prior_gaussian"
+    np.testing.assert_array_equal(load_npy(a.content), load_npy(b.content))
+    assert not np.allclose(load_npy(a.content), load_npy(c.content))
+    z = np.random.default_rng(7).standard_normal((3, 8), dtype=np.float32)
+    expected = session(store, "tiny-ae", "10", "decode.onnx").run(None, {"latent": z})[0]
+    np.testing.assert_allclose(load_npy(a.content), expected, atol=1e-5)
+    unseeded = client.post("/v1/models/tiny-ae/sample")
+    assert unseeded.status_code == 200 and unseeded.headers["x-seed"].isdigit()
+
+
+def test_sample_fixed_render(client):
+    out = client.post("/v1/models/tiny-render/sample?format=npy", json={"num_samples": 2})
+    array = load_npy(out.content)
+    assert array.shape == (2, 3, 8, 8)
+    np.testing.assert_array_equal(array[0], array[1])
+
+
+def test_sample_ddim(client):
+    pytest.importorskip("app.diffusion")
+    body = {"num_samples": 2, "seed": 3, "steps": 5, "condition": {"a": 0.5, "b": -0.5}}
+    a = client.post("/v1/models/tiny-ddim/sample?format=npy", json=body)
+    assert a.status_code == 200, a.text
+    b = client.post("/v1/models/tiny-ddim/sample?format=npy", json={**body, "condition": [0.5, -0.5]})
+    array = load_npy(a.content)
+    assert array.shape == (2, 1, 8, 8) and a.headers["x-steps"] == "5"
+    np.testing.assert_array_equal(array, load_npy(b.content))
+    assert np.abs(array).max() <= 1.0 + 1e-6
+    png_out = client.post("/v1/models/tiny-ddim/sample", json=body)
+    assert png_out.headers["content-type"] == "image/png"
+
+
+# ----------------------------------------------------------------------------------------- client mistakes
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "field", "limit", "code"),
+    [
+        ("tiny-ae/encode", {"content": b"garbage bytes"}, 422, "file", "PNG, TIFF or NPY", None),
+        (
+            "tiny-ae/encode",
+            {"content": npy_bytes(np.zeros((2, 2, 2, 3, 3), np.float32))},
+            422,
+            "file",
+            ...,
+            None,
+        ),
+        ("tiny-ae/encode", {"content": npy_bytes(images(17))}, 422, "file", 16, "too_many_frames"),
+        (
+            "tiny-ae/encode",
+            {"content": npy_bytes(np.full((16, 16), np.inf, np.float32))},
+            422,
+            "file",
+            "finite values",
+            None,
+        ),
+        ("tiny-ae/encode", {"content": b"x" * 200_001}, 413, "body", 200_000, "payload_too_large"),
+        (
+            "tiny-ae/encode",
+            {"content": b"{}", "headers": {"Content-Type": "application/json"}},
+            415,
+            "content-type",
+            ...,
+            None,
+        ),
+        (
+            "tiny-ae/encode",
+            {"content": npy_bytes(images(1)), "headers": {"Accept": "text/html"}},
+            406,
+            "Accept",
+            ["application/json", "application/x-npy"],
+            "not_acceptable",
+        ),
+        ("tiny-ae/encode", {"files": [("other", ("a.png", b"x", "image/png"))]}, 422, "files", ..., None),
+        (
+            "tiny-dyn/encode",
+            {
+                "files": [
+                    ("files", ("a.npy", npy_bytes(images(1, 8, 8)), "x")),
+                    ("files", ("b.npy", npy_bytes(images(1, 9, 9)), "x")),
+                ]
+            },
+            422,
+            "files",
+            ...,
+            None,
+        ),
+        ("tiny-render/decode?bit_depth=16", {}, 422, "bit_depth", [8], None),
+        (
+            "tiny-dyn/reconstruct",
+            {"content": npy_bytes(images(1, 12, 12))},
+            422,
+            "file",
+            "16x16",
+            "wrong_image_size",
+        ),
+        (
+            "tiny-ae/decode",
+            {"json": {"latents": [[1.0, 2.0]]}},
+            422,
+            "latents",
+            "(N, 8)",
+            "wrong_latent_shape",
+        ),
+        (
+            "tiny-ae/decode",
+            {
+                "content": b'{"latents": [[NaN,0,0,0,0,0,0,0]]}',
+                "headers": {"Content-Type": "application/json"},
+            },
+            422,
+            "latents",
+            "finite values",
+            "non_finite",
+        ),
+        (
+            "tiny-ae/decode",
+            {"content": b"a,b", "headers": {"Content-Type": "text/csv"}},
+            415,
+            "content-type",
+            ...,
+            None,
+        ),
+        ("tiny-ae/reconstruct?format=gif", {"content": npy_bytes(images(1))}, 406, "format", ..., None),
+        ("tiny-ae/reconstruct?bit_depth=12", {"content": npy_bytes(images(1))}, 422, "bit_depth", ..., None),
+        (
+            "tiny-dyn/decode",
+            {"json": {"latents": [[0.0] * 4]}},
+            404,
+            "capability",
+            ["encode", "reconstruct"],
+            "capability_not_offered",
+        ),
+        ("tiny-dyn/sample", {"json": {}}, 404, "capability", ..., "capability_not_offered"),
+        ("tiny-ae/sample", {"json": {"num_samples": 0}}, 422, "num_samples", 8, "num_samples_out_of_range"),
+        ("tiny-ae/sample", {"json": {"num_samples": 9}}, 422, "num_samples", 8, "num_samples_out_of_range"),
+        ("tiny-ae/sample", {"json": {"num_samples": 1, "steps": 5}}, 422, "steps", ..., None),
+        ("tiny-ae/sample", {"json": {"num_samples": "many"}}, 422, "num_samples", ..., "invalid_request"),
+        ("tiny-ae/sample", {"json": {"colour": 1}}, 422, "colour", ..., "invalid_request"),
+        ("tiny-ae/sample", {"json": {"seed": -1}}, 422, "seed", 0, "invalid_request"),
+        (
+            "tiny-ddim/sample",
+            {"json": {"steps": 101, "condition": [0, 0]}},
+            422,
+            "steps",
+            100,
+            "steps_out_of_range",
+        ),
+        ("tiny-ddim/sample", {"json": {"steps": 0, "condition": [0, 0]}}, 422, "steps", 100, None),
+        ("tiny-ddim/sample", {"json": {"eta": 1.5, "condition": [0, 0]}}, 422, "eta", "[0, 1]", None),
+        (
+            "tiny-ddim/sample",
+            {"json": {"condition": {"a": 1, "zzz": 2}}},
+            422,
+            "condition",
+            ["a", "b"],
+            "unknown_condition_keys",
+        ),
+        ("tiny-ddim/sample", {"json": {"condition": {"a": 1}}}, 422, "condition", ["a", "b"], None),
+        (
+            "tiny-ddim/sample",
+            {"json": {"condition": [1, 2, 3]}},
+            422,
+            "condition",
+            ...,
+            "wrong_condition_shape",
+        ),
+        ("tiny-ddim/sample", {"json": {}}, 422, "condition", ["a", "b"], None),
+    ],
+)
+def test_client_mistakes_are_4xx_with_field_and_limit(client, path, kwargs, status, field, limit, code):
+    if path.startswith("tiny-ddim"):
+        pytest.importorskip("app.diffusion")
+    response = client.post(f"/v1/models/{path}", **kwargs)
+    assert_error(response, status, field=field, limit=limit, code=code)
+
+
+def test_failures_are_counted_by_reason(client):
+    before = client.get("/metrics").text
+    client.post("/v1/models/tiny-ae/decode", json={"latents": [[1.0]]})
+    after = client.get("/metrics").text
+    line = 'aeserve_failures_total{model="tiny-ae",op="decode",reason="invalid_input",version="10"}'
+
+    def value(text: str) -> float:
+        for row in text.splitlines():
+            if row.startswith(line):
+                return float(row.split()[-1])
+        return 0.0
+
+    assert value(after) == value(before) + 1
+    assert 'aeserve_requests_total{model="tiny-ae",op="decode",status="422",version="10"}' in after
+
+
+def test_unknown_route_and_method_use_the_error_shape(client):
+    assert_error(client.get("/v2/nothing"), 404)
+    assert_error(client.get("/v1/models/tiny-ae/encode"), 405)
+
+
+def test_openapi_lists_every_route(client):
+    paths = json.loads(client.get("/openapi.json").text)["paths"]
+    for route in ("encode", "decode", "reconstruct", "attention-map", "sample"):
+        assert f"/v1/models/{{name}}/{route}" in paths

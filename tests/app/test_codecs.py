@@ -1,0 +1,227 @@
+"""app.codecs: every image format in, 8/16-bit, channels, resizing, latents, PNG grids, negotiation."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from app import codecs
+from app.errors import InvalidInput, NotAcceptable
+from app.schemas.manifest import Preprocessing
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiff_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+RNG = np.random.default_rng(0)
+
+
+def test_png_8bit_gray_scaled_to_unit():
+    array = RNG.integers(0, 256, (5, 7), dtype=np.uint8)
+    out = codecs.decode_image_bytes(png_bytes(array))
+    assert out.shape == (1, 1, 5, 7) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0], array / 255.0, atol=1e-7)
+
+
+def test_png_16bit_gray_scaled_by_65535():
+    array = RNG.integers(0, 65536, (6, 4), dtype=np.uint16)
+    out = codecs.decode_image_bytes(png_bytes(array))
+    np.testing.assert_allclose(out[0, 0], array / 65535.0, atol=1e-7)
+
+
+def test_png_rgb_and_rgba_keep_three_channels():
+    rgb = RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    out = codecs.decode_image_bytes(png_bytes(rgb))
+    assert out.shape == (1, 3, 4, 5)
+    np.testing.assert_allclose(out[0], np.moveaxis(rgb, -1, 0) / 255.0, atol=1e-7)
+    rgba = np.concatenate([rgb, np.full((4, 5, 1), 255, np.uint8)], axis=-1)
+    assert codecs.decode_image_bytes(png_bytes(rgba)).shape == (1, 3, 4, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_tiff_stack_and_bit_depths(dtype):
+    stack = RNG.integers(0, np.iinfo(dtype).max, (5, 6, 7), dtype=dtype)
+    out = codecs.decode_image_bytes(tiff_bytes(stack, photometric="minisblack"))
+    assert out.shape == (5, 1, 6, 7)
+    np.testing.assert_allclose(out[:, 0], stack / np.iinfo(dtype).max, atol=1e-7)
+
+
+def test_tiff_float_and_rgb():
+    image = RNG.random((6, 7)).astype(np.float32)
+    np.testing.assert_array_equal(codecs.decode_image_bytes(tiff_bytes(image))[0, 0], image)
+    rgb = RNG.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    out = codecs.decode_image_bytes(tiff_bytes(rgb, photometric="rgb"))
+    assert out.shape == (1, 3, 6, 7)
+    np.testing.assert_allclose(out[0, 1], rgb[..., 1] / 255.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (3, 6, 7), (3, 1, 6, 7)])
+def test_npy_shapes_float(shape):
+    array = RNG.random(shape).astype(np.float32)
+    out = codecs.decode_image_bytes(npy_bytes(array))
+    assert out.shape == (int(np.prod(shape[:-2])) if len(shape) > 2 else 1, 1, 6, 7)
+    np.testing.assert_array_equal(out.reshape(-1), array.reshape(-1))
+
+
+def test_npy_integer_divided_by_dtype_max_and_float64_cast():
+    array = np.array([[0, 32767], [65535, 1]], dtype=np.uint16)
+    np.testing.assert_allclose(codecs.decode_image_bytes(npy_bytes(array))[0, 0], array / 65535.0, atol=1e-7)
+    out = codecs.decode_image_bytes(npy_bytes(np.ones((2, 2), np.float64)))
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "invalid_input"),
+        (b"definitely not an image", "invalid_input"),
+        (npy_bytes(np.zeros((2, 5, 6, 7, 8), np.float32)), "invalid_input"),
+        (npy_bytes(np.array([[np.nan, 1.0]], np.float32)), "invalid_input"),
+        (png_bytes(np.zeros((4, 4), np.uint8))[:30], "invalid_input"),
+    ],
+)
+def test_bad_bytes_are_invalid_input_naming_the_field(data, code):
+    with pytest.raises(InvalidInput) as info:
+        codecs.decode_image_bytes(data, field="files[2]")
+    assert info.value.code == code and info.value.field == "files[2]"
+
+
+def test_rgb_to_gray_uses_luma_and_gray_to_rgb_repeats():
+    rgb = np.zeros((1, 3, 2, 2), np.float32)
+    rgb[:, 0] = 1.0
+    gray = codecs.convert_channels(rgb, 1)
+    np.testing.assert_allclose(gray, np.full((1, 1, 2, 2), 0.299), atol=1e-6)
+    assert codecs.convert_channels(gray, 3).shape == (1, 3, 2, 2)
+
+
+def test_resize_bilinear_matches_torch():
+    torch = pytest.importorskip("torch")
+    images = RNG.random((2, 1, 9, 13)).astype(np.float32)
+    for size in [(16, 16), (5, 7)]:
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(images), size=size, mode="bilinear", align_corners=False
+        ).numpy()
+        np.testing.assert_allclose(codecs.resize_bilinear(images, size), expected, atol=1e-5)
+
+
+def test_prepare_images_resizes_refuses_and_limits():
+    allow = Preprocessing(channels=1, input_size=(16, 16), resize="bilinear")
+    deny = Preprocessing(channels=1, input_size=(16, 16), resize="none")
+    images = RNG.random((2, 3, 10, 12)).astype(np.float32)
+    assert codecs.prepare_images(images, allow, [-1, 1, 16, 16], max_frames=4).shape == (2, 1, 16, 16)
+    with pytest.raises(InvalidInput) as info:
+        codecs.prepare_images(images, deny, [-1, 1, 16, 16], max_frames=4)
+    assert (info.value.field, info.value.limit, info.value.code) == ("file", "16x16", "wrong_image_size")
+    with pytest.raises(InvalidInput) as info:
+        codecs.prepare_images(images, allow, [-1, 1, 16, 16], max_frames=1)
+    assert (info.value.limit, info.value.code) == (1, "too_many_frames")
+    not_dynamic = Preprocessing(channels=1, input_size=(8, 8), dynamic_hw=False)
+    assert codecs.prepare_images(images, not_dynamic, [-1, 1, -1, -1], max_frames=4).shape == (2, 1, 8, 8)
+    dynamic = Preprocessing(channels=1, dynamic_hw=True, min_hw=(12, 12), resize="none")
+    with pytest.raises(InvalidInput) as info:
+        codecs.prepare_images(images, dynamic, [-1, 1, -1, -1], max_frames=4)
+    assert info.value.limit == ">= 12x12"
+
+
+def test_latents_json_and_npy_round_trip():
+    latents = RNG.standard_normal((3, 8)).astype(np.float32)
+    body = json.dumps(codecs.encode_latents_json(latents)).encode()
+    np.testing.assert_array_equal(codecs.decode_latents_json(body, 8, max_frames=4), latents)
+    np.testing.assert_array_equal(
+        codecs.decode_latents_npy(codecs.encode_npy(latents), 8, max_frames=4), latents
+    )
+    one = codecs.decode_latents_json(b'{"latents": [1, 2, 3, 4, 5, 6, 7, 8]}', 8, max_frames=4)
+    assert one.shape == (1, 8)
+
+
+@pytest.mark.parametrize(
+    ("body", "limit", "code"),
+    [
+        (b'{"latents": [[1, 2, 3]]}', "(N, 8)", "wrong_latent_shape"),
+        (b'{"latents": [[NaN, 0, 0, 0, 0, 0, 0, 0]]}', "finite values", "non_finite"),
+        (b'{"z": []}', '{"latents": [[...]]}', "invalid_input"),
+        (b"[[", '{"latents": [[...]]}', "invalid_input"),
+        (json.dumps({"latents": [[0.0] * 8] * 5}).encode(), 4, "too_many_frames"),
+    ],
+)
+def test_bad_latents(body, limit, code):
+    with pytest.raises(InvalidInput) as info:
+        codecs.decode_latents_json(body, 8, max_frames=4)
+    assert (info.value.field, info.value.limit, info.value.code) == ("latents", limit, code)
+
+
+def test_png_out_8_and_16_bit_round_trip():
+    image = RNG.random((1, 5, 6)).astype(np.float32)
+    back = codecs.decode_image_bytes(codecs.encode_png(image, 8))
+    np.testing.assert_allclose(back[0], image, atol=0.5 / 255 + 1e-6)
+    back16 = codecs.decode_image_bytes(codecs.encode_png(image, 16))
+    np.testing.assert_allclose(back16[0], image, atol=0.5 / 65535 + 1e-6)
+
+
+def test_png_grid_layout():
+    images = np.stack([np.full((1, 4, 4), i / 10, np.float32) for i in range(5)])
+    png, rows, cols = codecs.encode_png_grid(images)
+    assert (rows, cols) == (2, 3)
+    grid = codecs.decode_image_bytes(png)
+    assert grid.shape == (1, 1, 2 * 4 + 2, 3 * 4 + 2 * 2)
+    np.testing.assert_allclose(grid[0, 0, 6:10, 6:10], 4 / 10, atol=1 / 255)  # tile 4 = row 1, col 1
+
+
+def test_to_unit_range_maps_tanh_outputs():
+    np.testing.assert_allclose(
+        codecs.to_unit_range(np.array([-1.0, 0.0, 1.0, 2.0]), (-1.0, 1.0)), [0.0, 0.5, 1.0, 1.0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("accept", "fmt", "expected"),
+    [
+        (None, None, "png"),
+        ("*/*", None, "png"),
+        ("application/x-npy", None, "npy"),
+        ("application/json;q=0.5, application/x-npy;q=0.9", None, "npy"),
+        ("image/*", None, "png"),
+        ("application/x-npy", "json", "json"),
+    ],
+)
+def test_negotiate(accept, fmt, expected):
+    assert codecs.negotiate(accept, fmt, ("png", "npy", "json")) == expected
+
+
+def test_negotiate_refuses_with_the_offer():
+    with pytest.raises(NotAcceptable) as info:
+        codecs.negotiate("text/html", None, ("png", "npy"))
+    assert info.value.field == "Accept" and info.value.limit == ["image/png", "application/x-npy"]
+    with pytest.raises(NotAcceptable) as info:
+        codecs.negotiate(None, "gif", ("png",))
+    assert info.value.field == "format"
+
+
+def test_decompression_bombs_are_refused(monkeypatch):
+    monkeypatch.setattr(codecs, "MAX_DECODED_PIXELS", 100)
+    with pytest.raises(InvalidInput) as info:
+        codecs.decode_image_bytes(png_bytes(np.zeros((20, 20), np.uint8)))
+    assert (info.value.code, info.value.limit) == ("image_too_large", 100)
+    with pytest.raises(InvalidInput) as info:
+        codecs.decode_image_bytes(tiff_bytes(np.zeros((3, 20, 20), np.uint8), photometric="minisblack"))
+    assert info.value.code == "image_too_large"

@@ -1,0 +1,92 @@
+"""app.store and the lifespan: version order, verification, strict mode, warm-up sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.lifespan import StartupError, warmup_batch_sizes
+from app.main import create_app
+from app.store import ModelRecord, load_model, scan_store, version_key
+from tests.app.conftest import make_settings
+
+
+def test_version_key_is_numeric():
+    assert sorted(["10", "9", "2", "1.10", "1.9"], key=version_key) == ["1.9", "1.10", "2", "9", "10"]
+    assert max(["v2", "v10"], key=version_key) == "v10"
+
+
+def test_scan_picks_newest_version_and_ignores_files(store: Path):
+    records = {r.name: r for r in scan_store(store)}
+    assert records["tiny-ae"].version == "10"
+    assert set(records) == {"tiny-ae", "tiny-dyn", "tiny-render", "tiny-ddim", "tiny-broken"}
+    assert scan_store(store / "missing") == []
+
+
+def test_sha256_mismatch_makes_the_model_unavailable(store: Path):
+    record = ModelRecord("tiny-broken", "1", store / "tiny-broken" / "1")
+    load_model(record, make_settings(store))
+    assert record.state == "unavailable" and "sha256 mismatch" in record.reason
+    assert record.runtimes == {}
+
+
+def _copy(store: Path, tmp_path: Path, model: str) -> Path:
+    shutil.copytree(store / model, tmp_path / model)
+    return tmp_path / model / next(p.name for p in (tmp_path / model).iterdir())
+
+
+def test_size_mismatch_missing_file_and_bad_manifest(store: Path, tmp_path: Path):
+    version = _copy(store, tmp_path, "tiny-dyn")
+    (version / "encode.onnx").write_bytes((version / "encode.onnx").read_bytes() + b"x")
+    record = ModelRecord("tiny-dyn", "1", version)
+    load_model(record, make_settings(tmp_path))
+    assert "bytes, manifest says" in record.reason
+    (version / "encode.onnx").unlink()
+    record = ModelRecord("tiny-dyn", "1", version)
+    load_model(record, make_settings(tmp_path))
+    assert "missing" in record.reason
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["capabilities"] = ["teleport"]
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    record = ModelRecord("tiny-dyn", "1", version)
+    load_model(record, make_settings(tmp_path))
+    assert record.reason.startswith("manifest invalid at capabilities")
+
+
+def test_artifact_path_cannot_escape_the_version_dir(store: Path, tmp_path: Path):
+    version = _copy(store, tmp_path, "tiny-render")
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["artifacts"][0]["path"] = manifest["ops"]["decode"]["artifacts"]["onnx"] = "../../x.onnx"
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    record = ModelRecord("tiny-render", "1", version)
+    load_model(record, make_settings(tmp_path))
+    assert "outside its version directory" in record.reason
+
+
+def test_strict_startup_fails_on_a_broken_model(store: Path):
+    with (
+        pytest.raises(StartupError, match="tiny-broken"),
+        TestClient(create_app(make_settings(store, strict=True))),
+    ):
+        pass
+
+
+def test_lenient_startup_without_warmup_serves_the_rest(store: Path, tmp_path: Path):
+    _copy(store, tmp_path, "tiny-render")
+    _copy(store, tmp_path, "tiny-broken")
+    with TestClient(create_app(make_settings(tmp_path, warmup=False))) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/v1/models/tiny-render/decode?format=npy").status_code == 200
+        states = {m["name"]: m["state"] for m in client.get("/v1/models").json()["models"]}
+        assert states == {"tiny-render": "ready", "tiny-broken": "unavailable"}
+    assert client.app.state.ready is False  # drained and stopped
+
+
+def test_warmup_batch_sizes():
+    assert warmup_batch_sizes(1) == [1]
+    assert warmup_batch_sizes(8) == [1, 2, 4, 8]
+    assert warmup_batch_sizes(12) == [1, 2, 4, 8, 12]
