@@ -190,7 +190,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.models = registry
     app.state.ready = False
     try:
+        selected = settings.model_filter()
         for record in scan_store(settings.store):
+            if selected is not None and record.name not in selected:
+                continue
             registry.add(record)
             MODEL_READY.labels(record.name, record.label_version).set(0)
         for record in registry:

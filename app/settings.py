@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     prefer: Literal["onnx", "aoti"] = Field(
         "onnx", description="Artifact format to run when an op has several"
     )
+    models: str = Field(
+        "", description="Comma-separated model names to load (empty: every model in the store)"
+    )
     strict: bool = Field(False, description="Fail startup when any model fails verification or loading")
     warmup: bool = Field(True, description="Run every shape bucket x batch size once before reporting ready")
 
@@ -49,3 +52,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the service's own `app.*` loggers (model loading, providers, failures)"
     )
+
+    def model_filter(self) -> set[str] | None:
+        """The names `models` selects, or None for all."""
+        names = {n.strip() for n in self.models.split(",") if n.strip()}
+        return names or None
