@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    header = f"{'model':<22} {'op':<12} {'best batch':>10} {'in-process img/s':>17} " \
-             f"{'served img/s (c=' + str(args.concurrency) + ')':>21} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    served = f"served img/s (c={args.concurrency})"
+    header = (f"{'model':<22} {'op':<12} {'best batch':>10} {'in-process img/s':>17} {served:>21} "
+              f"{'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
