@@ -1,0 +1,240 @@
+"""Write one model version into the model store: `<store>/<model>/<version>/`.
+
+The version is assembled in a hidden temp directory beside its final place (artifacts, weights,
+training log, `manifest.json`) and renamed into place only when complete, so a half-built version
+never looks valid. The manifest is built with `app.schemas.manifest.Manifest` (the contract with the
+service) and lists every file with its sha256, size, format, op and export parity.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from app.schemas.manifest import (
+    ArtifactRecord,
+    Manifest,
+    OpSpec,
+    Preprocessing,
+    SaliencySpec,
+    SamplerSpec,
+    TensorSpec,
+)
+from training.checkpoint import fsync_dir
+from training.export import FORMATS, OpExport, export_model
+
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StoreError(RuntimeError):
+    """A store version that cannot be written or does not verify."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(
+    root: Path, path: Path, fmt: str = "other", op: str | None = None, parity: dict[str, float] | None = None
+) -> ArtifactRecord:
+    return ArtifactRecord(
+        path=path.relative_to(root).as_posix(),
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        format=fmt,
+        op=op,
+        parity_max_abs_err=parity or {},
+    )
+
+
+def git_commit() -> str:
+    """HEAD of the repository (with "+dirty" when the tree has changes), or "unknown"."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(command: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Where a version came from: code, command, library versions, time."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {
+        "git_commit": git_commit(),
+        "command": command or " ".join(sys.argv),
+        **versions,
+        "platform": platform.platform(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def _op_spec(result: OpExport, root: Path, max_batch_size: int) -> OpSpec:
+    return OpSpec(
+        inputs=[TensorSpec(**s) for s in result.inputs],
+        outputs=[TensorSpec(**s) for s in result.outputs],
+        artifacts={a.format: a.path.relative_to(root).as_posix() for a in result.artifacts},
+        shape_buckets=result.shape_buckets,
+        max_batch_size=max_batch_size,
+    )
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+def write_version(
+    model: nn.Module,
+    store: str | Path,
+    name: str,
+    version: str,
+    *,
+    formats: Iterable[str] = FORMATS,
+    training: dict[str, Any] | None = None,
+    description: str = "",
+    command: str | None = None,
+    extra_files: Iterable[Path] = (),
+    export_batch_size: int = 2,
+    max_batch_size: int = 32,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Export `model` and write `<store>/<name>/<version>/` with its manifest; returns that directory."""
+    if not name or "/" in name or name.startswith("."):
+        raise StoreError(f"invalid model name {name!r}")
+    if not version or "/" in version or version.startswith("."):
+        raise StoreError(f"invalid version {version!r}")
+    model_dir = Path(store) / name
+    final = model_dir / version
+    if final.exists() and not overwrite:
+        raise StoreError(f"{final} already exists (pass overwrite=True to replace it)")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model = model.eval()
+        exports = export_model(model, tmp, formats=formats, batch_size=export_batch_size, log=log)
+        records = [_record(tmp, a.path, a.format, a.op, a.parity_max_abs_err) for e in exports for a in e.artifacts]
+        records.append(_record(tmp, save_weights(model, tmp / WEIGHTS_NAME)))
+        for extra in extra_files:
+            extra = Path(extra)
+            if extra.is_file():
+                records.append(_record(tmp, Path(shutil.copy2(extra, tmp / extra.name))))
+        capabilities = list(model.capabilities())
+        ops = {e.op.name: _op_spec(e, tmp, max_batch_size) for e in exports}
+        saliency = None
+        if "attention-map" in capabilities:
+            if "torch_export" not in ops.get("reconstruct", OpSpec(inputs=[], outputs=[], artifacts={})).artifacts:
+                raise StoreError(
+                    f"{name}: 'attention-map' needs a torch_export artifact of op 'reconstruct' "
+                    "(gradient saliency); add torch_export to the formats"
+                )
+            saliency = SaliencySpec(op="reconstruct")
+        sampler = SamplerSpec(**model.sampler_spec()) if hasattr(model, "sampler_spec") else None
+        manifest = Manifest(
+            name=name,
+            version=version,
+            family=model.family,
+            description=description,
+            config=model.get_config(),
+            capabilities=capabilities,
+            preprocessing=Preprocessing(**model.preprocessing()),
+            ops=ops,
+            artifacts=records,
+            saliency=saliency,
+            sampler=sampler,
+            training=training or {},
+            provenance=provenance(command, folded_conv_bn={e.op.name: e.folded_pairs for e in exports}),
+        )
+        manifest_path = tmp / MANIFEST_NAME
+        with open(manifest_path, "w") as handle:
+            handle.write(manifest.model_dump_json(indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            trash = model_dir / f".old-{version}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_manifest(version_dir: str | Path) -> Manifest:
+    path = Path(version_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise StoreError(f"{version_dir} has no {MANIFEST_NAME}")
+    return Manifest.model_validate(json.loads(path.read_text()))
+
+
+def verify_version(version_dir: str | Path) -> Manifest:
+    """Validate the manifest and check every artifact's size and sha256; raises `StoreError`."""
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    for record in manifest.artifacts:
+        path = version_dir / record.path
+        if not path.is_file():
+            raise StoreError(f"{version_dir}: artifact {record.path} is missing")
+        if path.stat().st_size != record.bytes:
+            raise StoreError(
+                f"{version_dir}: artifact {record.path} has {path.stat().st_size} bytes, manifest says {record.bytes}"
+            )
+        if sha256_file(path) != record.sha256:
+            raise StoreError(f"{version_dir}: artifact {record.path} fails its sha256 check")
+    return manifest
+
+
+def version_is_valid(version_dir: str | Path) -> bool:
+    try:
+        verify_version(version_dir)
+    except (StoreError, ValueError):
+        return False
+    return True
