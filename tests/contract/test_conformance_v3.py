@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import fixture_cases, fixture_dir
+from tests.conftest import fixture_cases, fixture_dir
 from safetensors.torch import load_file
 
 from training.models.autoencoder_cnn_v3 import create_autoencoder
