@@ -49,6 +49,7 @@ lint: $(VENV)/.installed
 
 bench: $(STORE)/.built
 	$(PY) -m bench.throughput --store $(STORE)
+	$(PY) -m bench.diffusion_batching --store $(STORE)
 
 clean-store:
 	rm -rf $(STORE)/*/ $(STORE)/.built
