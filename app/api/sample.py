@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/models", tags=["sample"], responses=ERROR_RESPONS
 
 
 def parse_condition(
-    condition: list[float] | list[list[float]] | dict[str, float] | None, spec: SamplerSpec, num_samples: int
+    condition: list[float] | list[list[float]] | dict[str, float | str] | None, spec: SamplerSpec, num_samples: int
 ) -> np.ndarray:
     """The request's condition as float32 (num_samples, M), M = sampler.condition_dim."""
     dim = spec.condition_dim
@@ -48,7 +48,7 @@ def parse_condition(
         missing = [k for k in keys if k not in condition]
         if missing:
             raise InvalidInput(f"missing condition keys {missing}", field="condition", limit=keys)
-        vector = np.asarray([condition[k] for k in keys], dtype=np.float32)
+        vector = np.asarray([condition_value(k, condition[k], spec) for k in keys], dtype=np.float32)
         array = np.broadcast_to(vector, (num_samples, len(keys)))
     else:
         array = np.asarray(condition, dtype=np.float32)
@@ -66,6 +66,28 @@ def parse_condition(
             "condition contains NaN or Inf", field="condition", limit="finite values", code="non_finite"
         )
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def condition_value(key: str, value: object, spec: SamplerSpec) -> float:
+    """One slot of the condition: a number as it is, or a name the manifest's vocabulary knows."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidInput(f"condition {key!r} must be a number or a name", field=f"condition.{key}",
+                           limit=_allowed(key, spec))
+    if not isinstance(value, str):
+        return float(value)
+    vocabulary = spec.condition_values.get(key)
+    if isinstance(vocabulary, list) and value in vocabulary:
+        return float(vocabulary.index(value))
+    if isinstance(vocabulary, dict) and value in vocabulary:
+        return float(vocabulary[value])
+    raise InvalidInput(f"condition {key!r} = {value!r} is not allowed", field=f"condition.{key}",
+                       limit=_allowed(key, spec), code="unknown_condition_value")
+
+
+def _allowed(key: str, spec: SamplerSpec) -> object:
+    vocabulary = spec.condition_values.get(key)
+    names = list(vocabulary) if vocabulary else []
+    return [*names, "a number"] if names else "a number"
 
 
 def check_num_samples(num_samples: int, limit: int) -> None:

@@ -100,6 +100,9 @@ class SamplerSpec(_Strict):
     clip_denoised: bool = True
     condition_dim: int = 0                              # length of the meta/condition vector
     condition_keys: list[str] = Field(default_factory=list)  # named slots of the condition vector
+    # named values a slot accepts, e.g. {"goal": ["inspire", ...], "tone": {"calm": 0.3, ...}}: a list maps
+    # a name to its index (an embedding id), a dict to its number; numbers are always accepted as they are
+    condition_values: dict[str, list[str] | dict[str, float]] = Field(default_factory=dict)
     image_shape: list[int] | None = None                # (C, H, W) generated
 
 

@@ -18,7 +18,7 @@ class SampleRequest(BaseModel):
         None, description="DDIM steps (1..sampler.max_steps); default sampler.default_steps"
     )
     eta: float | None = Field(None, description="DDIM eta in [0, 1]; default sampler.default_eta")
-    condition: list[float] | list[list[float]] | dict[str, float] | None = Field(
+    condition: list[float] | list[list[float]] | dict[str, float | str] | None = Field(
         None,
         description="M floats (shared by all samples), N x M floats, "
         "or {slot: value} over sampler.condition_keys",

@@ -312,6 +312,7 @@ def build_tiny_ddim(root: Path) -> None:
             "max_steps": 100,
             "condition_dim": 2,
             "condition_keys": ["a", "b"],
+            "condition_values": {"a": ["low", "high"], "b": {"calm": -0.5, "loud": 0.5}},
             "image_shape": [1, 8, 8],
         },
     )

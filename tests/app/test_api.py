@@ -264,6 +264,24 @@ def test_sample_ddim(client):
     assert png_out.headers["content-type"] == "image/png"
 
 
+def test_sample_ddim_named_condition_values(client):
+    """Names from the manifest's vocabulary: a list maps to the index, a dict to its number."""
+    pytest.importorskip("app.diffusion")
+    body = {"num_samples": 1, "seed": 4, "steps": 3}
+    named = client.post("/v1/models/tiny-ddim/sample?format=npy",
+                        json={**body, "condition": {"a": "high", "b": "calm"}})
+    numeric = client.post("/v1/models/tiny-ddim/sample?format=npy", json={**body, "condition": [1.0, -0.5]})
+    assert named.status_code == 200, named.text
+    np.testing.assert_array_equal(load_npy(named.content), load_npy(numeric.content))
+    other = client.post("/v1/models/tiny-ddim/sample?format=npy", json={**body, "condition": [0.0, -0.5]})
+    assert not np.array_equal(load_npy(named.content), load_npy(other.content))
+
+    bad = client.post("/v1/models/tiny-ddim/sample", json={**body, "condition": {"a": "medium", "b": 0}})
+    assert bad.status_code == 422
+    error = bad.json()["error"]
+    assert error["field"] == "condition.a" and error["limit"] == ["low", "high", "a number"]
+
+
 # ----------------------------------------------------------------------------------------- client mistakes
 @pytest.mark.parametrize(
     ("path", "kwargs", "status", "field", "limit", "code"),

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from tests.conftest import fixture_cases, fixture_dir
 from safetensors.torch import load_file
 
+from tests.conftest import fixture_cases, fixture_dir
 from training.models.conv_decoder import ConvDecoder, ConvDecoderConfig, config_from_original
 from training.originals import load_original
 

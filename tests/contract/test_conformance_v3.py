@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from tests.conftest import fixture_cases, fixture_dir
 from safetensors.torch import load_file
 
+from tests.conftest import fixture_cases, fixture_dir
 from training.models.autoencoder_cnn_v3 import create_autoencoder
 from training.originals import load_original
 

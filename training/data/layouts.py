@@ -37,6 +37,12 @@ SUPERSAMPLE = 4
 MIN_SIZE = 16
 
 
+def condition_vocabulary() -> dict[str, list[str] | dict[str, float]]:
+    """Named values of each condition slot, for the manifest: goal/format names map to their ids, tone
+    names to their level."""
+    return {"goal": list(GOALS), "format": list(FORMATS), "tone": dict(TONES)}
+
+
 def encode_condition(meta: Mapping[str, object]) -> torch.Tensor:
     """{"goal": name, "format": name, "tone": name or number in [0, 1]} -> float32 (3,) vector."""
     unknown = sorted(set(meta) - set(CONDITION_KEYS))

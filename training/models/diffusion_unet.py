@@ -324,10 +324,13 @@ class DiffusionUNet(nn.Module):
 
     def sampler_spec(self) -> dict[str, Any]:
         """The manifest's SamplerSpec (kind "ddim")."""
+        from training.data.layouts import condition_vocabulary
+
         c = self.config
         return {"kind": "ddim", **self.noise_schedule().spec(), "default_steps": 50,
                 "max_steps": c.num_train_timesteps, "default_eta": 0.0, "clip_denoised": True,
                 "condition_dim": len(CONDITION_KEYS), "condition_keys": list(CONDITION_KEYS),
+                "condition_values": condition_vocabulary(),
                 "image_shape": [c.out_channels, c.image_size, c.image_size]}
 
     def export_ops(self, batch_size: int = 2) -> list[ExportOp]:
