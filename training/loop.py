@@ -405,6 +405,10 @@ class Trainer:
             {"event": "end", "stopped": stopped, "step": self.step, "epoch": self.epoch, "time": time.time()}
         )
         self.write_log()
+        if self.task.report is not None:
+            self.model.eval()
+            with torch.no_grad():
+                self.task.report(self.model, config, self.out_dir)
         return RunResult(
             out_dir=self.out_dir,
             epochs_completed=self.epoch,

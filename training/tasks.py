@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from training.registry import create_model
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 MetricFn = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]]
 DatasetFactory = Callable[[nn.Module, TrainConfig], tuple[Dataset, Dataset]]
+# Writes a family's pictures of a finished run into its directory; returns the files written.
+ReportFn = Callable[[nn.Module, TrainConfig, Path], list[Path]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Task:
     metrics: MetricFn
     datasets: DatasetFactory
     defaults: dict[str, Any]  # TrainConfig field defaults for this family (besides `model`)
+    report: ReportFn | None = None  # run after every training run (embedding maps, sample grids)
 
     def default_config(self, model_name: str, **changes: Any) -> TrainConfig:
         return TrainConfig(model=model_name, **{**self.defaults, **changes})
@@ -142,6 +146,18 @@ def _stem_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Data
     return Stem4DDataset("train", **options), Stem4DDataset("val", **options)
 
 
+def _stem_report(model: nn.Module, config: TrainConfig, out_dir: Path) -> list[Path]:
+    """The latent embedding maps over the scan grid of the first simulated configuration (one PNG)."""
+    from training.data.stem_4d import Stem4DDataset
+    from training.visualize_stem import render_embedding_maps
+
+    scan = Stem4DDataset("all", **_data_options(config, ("path", "block", "configs")))
+    config_index = scan.config_indices[0]
+    path = out_dir / f"embedding_maps_config{config_index}.png"
+    render_embedding_maps(model, scan.config_images(config_index), tuple(scan.scan_shape), path)
+    return [path]
+
+
 def _stem_task() -> Task:
     losses, metrics = _family_functions("training.models.stem_autoencoder")
     return Task(
@@ -149,6 +165,7 @@ def _stem_task() -> Task:
         losses,
         metrics,
         _stem_datasets,
+        report=_stem_report,
         defaults={
             "epochs": 5,
             "batch_size": 16,
@@ -258,6 +275,14 @@ def _diffusion_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset,
     )
 
 
+def _diffusion_report(model: nn.Module, config: TrainConfig, out_dir: Path) -> list[Path]:
+    """A grid of DDIM samples (50 steps, seed 0) over a spread of conditions."""
+    from training.data.layouts import condition_grid
+    from training.models.diffusion_unet import sample_grid_png
+
+    return [sample_grid_png(model, None, condition_grid(), out_dir / "samples.png", steps=50, seed=0)]
+
+
 def _diffusion_task() -> Task:
     losses, metrics = _family_functions("training.models.diffusion_unet")
     return Task(
@@ -265,6 +290,7 @@ def _diffusion_task() -> Task:
         losses,
         metrics,
         _diffusion_datasets,
+        report=_diffusion_report,
         defaults={
             "epochs": 10,
             "batch_size": 16,
