@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     )
     strict: bool = Field(False, description="Fail startup when any model fails verification or loading")
     warmup: bool = Field(True, description="Run every shape bucket x batch size once before reporting ready")
+    warmup_max_run_s: float = Field(
+        1.0,
+        ge=0,
+        description="Stop warming larger batches of an op once one warm-up run took longer than this"
+        " (its first-call overhead is then negligible); 0: warm every batch size",
+    )
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="Items (frames) per engine batch at most")
     max_delay_ms: float = Field(

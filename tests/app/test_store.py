@@ -90,3 +90,31 @@ def test_warmup_batch_sizes():
     assert warmup_batch_sizes(1) == [1]
     assert warmup_batch_sizes(8) == [1, 2, 4, 8]
     assert warmup_batch_sizes(12) == [1, 2, 4, 8, 12]
+
+
+def test_warm_up_stops_growing_batches_once_a_run_is_slow(store: Path):
+    """A slow op (e.g. a 44 GMAC/image decoder on CPU) is warmed at batch 1 only, not up to the max."""
+    import time
+
+    from app.lifespan import warm_up
+
+    record = next(r for r in scan_store(store) if r.name == "tiny-ae")
+    load_model(record, make_settings(store))
+    batches: list[int] = []
+
+    class SlowRuntime:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def run(self, inputs):
+            batches.append(next(iter(inputs.values())).shape[0] if inputs else 0)
+            time.sleep(0.05)
+            return self.inner.run(inputs)
+
+    record.runtimes = {name: SlowRuntime(rt) for name, rt in record.runtimes.items()}
+    record.saliency = None
+    warm_up(record, make_settings(store, warmup_max_run_s=0.01))
+    assert batches and set(batches) == {1}
+    batches.clear()
+    warm_up(record, make_settings(store, warmup_max_run_s=0))
+    assert max(batches) == 8  # every power of two up to max_batch_size when the limit is off
