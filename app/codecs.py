@@ -352,10 +352,15 @@ def encode_png_grid(images01: np.ndarray, bit_depth: int = 8) -> tuple[bytes, in
     return encode_png(grid, bit_depth), rows, cols
 
 
-def heat_overlay(images01: np.ndarray, heat01: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a [0, 1] heatmap (N, 1|C, H, W) as a red-yellow map over [0, 1] images -> (N, 3, H, W)."""
+def heat_overlay(images01: np.ndarray, heat01: np.ndarray, alpha: float = 0.6, percentile: float = 99.0) -> np.ndarray:
+    """Blend a [0, 1] heatmap (N, 1|C, H, W) as a red-yellow map over [0, 1] images -> (N, 3, H, W).
+
+    Gradient saliency is heavy-tailed (a few pixels hold the maximum), so for display each frame's
+    heat is stretched to its `percentile` and clipped; the numbers (`format=json`) stay unstretched."""
     base = convert_channels(images01, 3) if images01.shape[1] != 3 else images01
     heat = heat01.max(axis=1, keepdims=True) if heat01.shape[1] != 1 else heat01
+    top = np.percentile(heat.reshape(heat.shape[0], -1), percentile, axis=1).reshape(-1, 1, 1, 1)
+    heat = np.clip(heat / np.maximum(top, 1e-12), 0, 1)
     colour = np.concatenate(
         [np.clip(2 * heat, 0, 1), np.clip(2 * heat - 1, 0, 1), np.zeros_like(heat)], axis=1
     )

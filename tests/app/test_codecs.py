@@ -225,3 +225,16 @@ def test_decompression_bombs_are_refused(monkeypatch):
     with pytest.raises(InvalidInput) as info:
         codecs.decode_image_bytes(tiff_bytes(np.zeros((3, 20, 20), np.uint8), photometric="minisblack"))
     assert info.value.code == "image_too_large"
+
+
+def test_heat_overlay_stretches_heavy_tailed_saliency_for_display():
+    from app.codecs import heat_overlay
+
+    images = np.full((1, 1, 10, 10), 0.5, np.float32)
+    heat = np.zeros((1, 1, 10, 10), np.float32)
+    heat[0, 0, :5] = 0.02          # half the image: weak but real saliency
+    heat[0, 0, 9, 9] = 1.0         # one outlier pixel holds the maximum
+    out = heat_overlay(images, heat)
+    assert out.shape == (1, 3, 10, 10) and out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(out[0, :, 7, 0], [0.5, 0.5, 0.5])   # no heat: the grey input
+    assert out[0, 0, 0, 0] - out[0, 2, 0, 0] > 0.3                   # weak heat is still clearly red
