@@ -29,6 +29,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The tests also exercise the (heavy, optional) abTEM simulator that made the committed 4D-STEM data.
+$(VENV)/.installed-test: $(VENV)/.installed-test
+	$(PY) -m pip install -q -e ".[$(EXTRAS),stem]" "$(TORCH_SPEC)"
+	touch $@
+
 $(STORE)/.built: $(VENV)/.installed
 	$(PY) -m training build-store --store $(STORE) --if-missing
 	touch $@
@@ -40,7 +45,7 @@ store: $(VENV)/.installed
 serve: $(STORE)/.built
 	AESERVE_STORE=$(STORE) $(PY) -m uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
