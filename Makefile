@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The tests also exercise the (heavy, optional) abTEM simulator that made the committed 4D-STEM data.
-$(VENV)/.installed-test: $(VENV)/.installed-test
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[$(EXTRAS),stem]" "$(TORCH_SPEC)"
 	touch $@
 
