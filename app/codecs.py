@@ -2,6 +2,7 @@
 
 Nothing here knows about HTTP or models beyond the manifest's `Preprocessing`; every problem with a
 client's bytes is an `InvalidInput` naming the field and the limit. Image arrays are float32 NCHW.
+Choosing the response format from the request is HTTP, not a codec: see `app.api.negotiation`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from app.errors import InvalidInput, NotAcceptable
+from app.errors import InvalidInput
 from app.schemas.manifest import Preprocessing
 
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -27,7 +28,7 @@ JSON_MEDIA_TYPE = "application/json"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-MAX_DECODED_PIXELS = 2**28  # per request body: 1 GiB as float32; refuses decompression bombs
+MAX_DECODED_PIXELS = 2**28  # per uploaded file (a body or one multipart part): 1 GiB as float32
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's "L" conversion
 
 
@@ -114,7 +115,7 @@ def _tiff_to_nchw(data: bytes, field: str) -> np.ndarray:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise InvalidInput(f"cannot decode TIFF: {exc}", field=field, limit="PNG, TIFF or NPY") from exc
-    if "S" in axes:  # samples (colour channels): move them to axis -3
+    if "S" in axes:  # samples (colour channels) become axis 1, every other leading axis N
         array = np.moveaxis(array, axes.index("S"), -1)
         array = array.reshape(-1, *array.shape[-3:])
         array = np.moveaxis(array, -1, 1)
@@ -366,47 +367,3 @@ def heat_overlay(images01: np.ndarray, heat01: np.ndarray, alpha: float = 0.6, p
     )
     weight = alpha * heat
     return (base * (1 - weight) + colour * weight).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------- negotiation
-FORMAT_MEDIA_TYPES = {"png": PNG_MEDIA_TYPE, "npy": NPY_MEDIA_TYPE, "json": JSON_MEDIA_TYPE}
-
-
-def negotiate(accept: str | None, format_param: str | None, offered: Sequence[str]) -> str:
-    """Pick a response format from `?format=` (wins) or the Accept header; `offered[0]` is the default.
-
-    Returns one of `offered` ("png" | "npy" | "json"); raises NotAcceptable naming what is offered.
-    """
-    if format_param:
-        if format_param not in offered:
-            raise NotAcceptable(
-                f"format {format_param!r} is not offered here", field="format", limit=list(offered)
-            )
-        return format_param
-    if not accept or not accept.strip():
-        return offered[0]
-    ranges = []
-    for position, part in enumerate(accept.split(",")):
-        pieces = [p.strip() for p in part.split(";")]
-        media = pieces[0].lower()
-        quality = 1.0
-        for param in pieces[1:]:
-            if param.startswith("q="):
-                try:
-                    quality = float(param[2:])
-                except ValueError:
-                    quality = 0.0
-        if media and quality > 0:
-            ranges.append((-quality, position, media))
-    for _, _, media in sorted(ranges):
-        if media in ("*/*", "*"):
-            return offered[0]
-        for fmt in offered:
-            media_type = FORMAT_MEDIA_TYPES[fmt]
-            if media == media_type or (media.endswith("/*") and media_type.startswith(media[:-1])):
-                return fmt
-            if fmt == "npy" and media == "application/octet-stream":
-                return fmt
-    raise NotAcceptable(
-        f"cannot answer with {accept!r}", field="Accept", limit=[FORMAT_MEDIA_TYPES[f] for f in offered]
-    )

@@ -1,8 +1,8 @@
 """Domain errors of the service and the ONE table mapping them to HTTP status and a failure reason.
 
-Routes and helpers raise these; `app.main` renders every one of them (and FastAPI's own validation
-errors) as `{"error": {"code", "message", "field", "limit"}}`. The `reason` label of
-`aeserve_failures_total` comes only from `STATUS_TABLE`, so it is a closed set.
+Routes and helpers raise these; `app.api.error_handlers` renders every one of them (and FastAPI's own
+validation and routing errors) as `{"error": {"code", "message", "field", "limit"}}`. The `reason` label
+of `aeserve_failures_total` comes only from `STATUS_TABLE` (plus `client_disconnected`), a closed set.
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ class ServiceError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "error": {"code": self.code, "message": self.message, "field": self.field, "limit": self.limit}
-        }
 
 
 class InvalidInput(ServiceError):
@@ -110,7 +105,6 @@ STATUS_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     EngineError: (500, "engine_error"),
     ServiceError: (500, "internal"),
 }
-REASONS: frozenset[str] = frozenset(reason for _, reason in STATUS_TABLE.values()) | {"client_disconnected"}
 
 
 def status_and_reason(exc: BaseException) -> tuple[int, str]:

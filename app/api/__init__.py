@@ -1,1 +1,3 @@
-"""HTTP routes, one module per group, plus their dependencies (deps) and body helpers (io)."""
+"""HTTP layer: capability specs (spec, capabilities, with their special parts in attention and sample),
+the v1 routes built from them (v1), system routes, dependencies (deps), bodies (io), content negotiation
+and the error handlers."""

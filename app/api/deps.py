@@ -1,4 +1,4 @@
-"""`Annotated` dependencies: settings, the model registry and one ready model, from `app.state`."""
+"""`Annotated` dependencies: settings, the model registry and one model record, from `app.state`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, get_args
 
 from fastapi import Depends, Request
 
 from app.errors import CapabilityNotOffered, ModelNotFound, ModelUnavailable, status_and_reason
 from app.metrics import FAILURES, REQUEST_DURATION, REQUESTS
+from app.schemas.manifest import Capability
 from app.settings import Settings
 from app.store import ModelRecord, ModelRegistry
 
@@ -39,10 +40,10 @@ def get_record(name: str, registry: RegistryDep) -> ModelRecord:
 RecordDep = Annotated[ModelRecord, Depends(get_record)]
 
 
-ROUTE_OPS = frozenset({"encode", "decode", "reconstruct", "attention-map", "sample"})
+ROUTE_OPS = frozenset(get_args(Capability))  # the `op` label of a route's metrics: its last path segment
 
 
-def get_ready_model(record: RecordDep, request: Request) -> ModelRecord:
+def get_ready_record(record: RecordDep, request: Request) -> ModelRecord:
     """A model that can serve now; 503 (with the reason) for unavailable or still-loading models."""
     error = None
     if record.state == "unavailable":
@@ -61,10 +62,11 @@ def get_ready_model(record: RecordDep, request: Request) -> ModelRecord:
     raise error
 
 
-ModelDep = Annotated[ModelRecord, Depends(get_ready_model)]
+ReadyRecordDep = Annotated[ModelRecord, Depends(get_ready_record)]
 
 
 def require_capability(record: ModelRecord, capability: str) -> None:
+    """404 naming what the model offers when its manifest does not list `capability`."""
     assert record.manifest is not None
     if capability not in record.manifest.capabilities:
         raise CapabilityNotOffered(
@@ -75,7 +77,7 @@ def require_capability(record: ModelRecord, capability: str) -> None:
 
 
 def deadline_from_now(settings: Settings) -> float:
-    """Absolute deadline on the event loop's (= time.monotonic) clock."""
+    """Absolute deadline on the event loop's clock (`loop.time()`), the one the engine and sampler use."""
     return asyncio.get_running_loop().time() + settings.request_timeout_s
 
 

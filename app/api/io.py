@@ -1,4 +1,4 @@
-"""Request bodies in and responses out, shared by the routes (decoding/encoding runs in a threadpool)."""
+"""Request bodies in and responses out for the v1 routes (decoding/encoding runs in a threadpool)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ async def read_image_blobs(request: Request, settings: Settings) -> list[tuple[s
 def decode_and_prepare(
     blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], max_frames: int
 ) -> np.ndarray:
-    """Decode every blob and convert it to the model's input (N, C, H, W), values in [0, 1]."""
+    """Decode every blob and convert it to the model's input (N, C, H, W): integer images scaled to [0, 1]."""
     prepared, total = [], 0
     for field, data in blobs:
         images = codecs.decode_image_bytes(data, field)

@@ -1,25 +1,20 @@
-"""sample: prior_gaussian (seeded normal latents -> decode), fixed_render (the decoder's one image), ddim."""
+"""sample: prior_gaussian (seeded normal latents -> decode), fixed_render (the decoder's one image), ddim.
+
+`check_sample_request` validates the body against the model's sampler before anything runs;
+`run_sampler` is the capability's submit step.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
 
-from app import codecs
-from app.api.deps import ModelDep, SettingsDep, deadline_from_now, require_capability, track
-from app.api.io import image_response
+from app.api.spec import Job, Outcome, RequestOptions
 from app.errors import InvalidInput, ServiceError, ShuttingDown
 from app.schemas.manifest import SamplerSpec
-from app.schemas.requests import SampleRequest
-from app.schemas.responses import ERROR_RESPONSES
+from app.settings import Settings
 from app.store import ModelRecord
-
-router = APIRouter(prefix="/v1/models", tags=["sample"], responses=ERROR_RESPONSES)
 
 
 def parse_condition(
@@ -97,27 +92,51 @@ def check_num_samples(num_samples: int, limit: int) -> None:
         )
 
 
-async def _prior_gaussian(
-    model: ModelRecord, spec: SamplerSpec, body: SampleRequest, seed: int, deadline: float
-) -> np.ndarray:
-    op = model.op("decode")
+def check_sample_request(record: ModelRecord, settings: Settings, options: RequestOptions, fmt: str) -> None:
+    """422 for a request the sampler cannot honour: sample count, ddim-only fields, the condition."""
+    body, spec = options.sample, record.manifest.sampler
+    check_num_samples(body.num_samples, settings.max_num_samples)
+    if spec.kind != "ddim" and (body.steps is not None or body.eta is not None):
+        field = "steps" if body.steps is not None else "eta"
+        raise InvalidInput(
+            f"{field} only applies to ddim samplers (this one is {spec.kind})", field=field, limit=None
+        )
+    if spec.kind != "ddim" and body.condition is not None:
+        parse_condition(body.condition, spec, body.num_samples)  # validates against condition_dim
+
+
+async def run_sampler(job: Job) -> Outcome:
+    """Generate the images with the model's sampler; the seed (drawn when omitted) goes in X-Seed."""
+    body, spec = job.options.sample, job.record.manifest.sampler
+    seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+    headers = {"X-Seed": str(seed), "X-Sampler": spec.kind}
+    if spec.kind == "prior_gaussian":
+        images = await _prior_gaussian(job, spec, seed)
+    elif spec.kind == "fixed_render":
+        images = await _fixed_render(job)
+    else:
+        images, extra = await _ddim(job, spec, seed)
+        headers.update(extra)
+    return Outcome(images, headers=headers)
+
+
+async def _prior_gaussian(job: Job, spec: SamplerSpec, seed: int) -> np.ndarray:
+    op = job.record.op("decode")
     dim = spec.latent_dim or int(op.inputs[0].shape[1])
-    latents = np.random.default_rng(seed).standard_normal((body.num_samples, dim), dtype=np.float32)
-    outputs = await model.engine.submit("decode", {op.inputs[0].name: latents}, deadline=deadline)
+    latents = np.random.default_rng(seed).standard_normal((job.options.sample.num_samples, dim), dtype=np.float32)
+    outputs = await job.record.engine.submit("decode", {op.inputs[0].name: latents}, deadline=job.deadline)
     return outputs[op.outputs[0].name]
 
 
-async def _fixed_render(model: ModelRecord, body: SampleRequest, deadline: float) -> np.ndarray:
-    op = model.op("decode")
-    outputs = await model.engine.submit("decode", {}, deadline=deadline)
+async def _fixed_render(job: Job) -> np.ndarray:
+    op = job.record.op("decode")
+    outputs = await job.record.engine.submit("decode", {}, deadline=job.deadline)
     image = outputs[op.outputs[0].name][:1]
-    return np.repeat(image, body.num_samples, axis=0)
+    return np.repeat(image, job.options.sample.num_samples, axis=0)
 
 
-async def _ddim(
-    model: ModelRecord, spec: SamplerSpec, body: SampleRequest, seed: int, deadline: float
-) -> tuple[np.ndarray, dict[str, str]]:
-    sampler = model.sampler
+async def _ddim(job: Job, spec: SamplerSpec, seed: int) -> tuple[np.ndarray, dict[str, str]]:
+    sampler, body = job.record.sampler, job.options.sample
     if sampler is None:
         raise ShuttingDown("the diffusion sampler is not running")
     max_steps = int(getattr(sampler, "max_steps", spec.max_steps))
@@ -129,53 +148,16 @@ async def _ddim(
         raise InvalidInput(f"eta={eta}", field="eta", limit="[0, 1]", code="eta_out_of_range")
     condition = parse_condition(body.condition, spec, body.num_samples)
     try:
-        images = await sampler.sample(  # the sampler's deadline is on time.monotonic()
+        images = await sampler.sample(
             num_samples=body.num_samples,
             steps=steps,
             eta=eta,
             condition=condition,
             seed=seed,
-            deadline=time.monotonic() + (deadline - asyncio.get_running_loop().time()),
+            deadline=job.deadline,  # the event loop's clock, as the engine's
         )
     except ServiceError:
         raise  # the sampler speaks app.errors: 422 / 503 / 504 / 500 as they are
     except ValueError as exc:
         raise InvalidInput(str(exc), field="body") from exc
     return images, {"X-Steps": str(steps), "X-Eta": f"{eta:g}"}
-
-
-@router.post("/{name}/sample", summary="Generate images: prior sampling, fixed render or DDIM")
-async def sample(
-    request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
-    body: SampleRequest | None = None,
-    format: Annotated[str | None, Query(description="png | npy | json; overrides Accept")] = None,
-    bit_depth: Annotated[int, Query(description="PNG bit depth: 8 or 16")] = 8,
-) -> Response:
-    async with track(model, "sample"):
-        require_capability(model, "sample")
-        fmt = codecs.negotiate(request.headers.get("accept"), format, ("png", "npy", "json"))
-        body = body or SampleRequest()
-        spec = model.manifest.sampler
-        check_num_samples(body.num_samples, settings.max_num_samples)
-        if spec.kind != "ddim" and (body.steps is not None or body.eta is not None):
-            field = "steps" if body.steps is not None else "eta"
-            raise InvalidInput(
-                f"{field} only applies to ddim samplers (this one is {spec.kind})", field=field, limit=None
-            )
-        if spec.kind != "ddim" and body.condition is not None:
-            parse_condition(body.condition, spec, body.num_samples)  # validates against condition_dim
-        seed = secrets.randbelow(2**31) if body.seed is None else body.seed
-        deadline = deadline_from_now(settings)
-        headers = {"X-Seed": str(seed), "X-Sampler": spec.kind}
-        if spec.kind == "prior_gaussian":
-            images = await _prior_gaussian(model, spec, body, seed, deadline)
-        elif spec.kind == "fixed_render":
-            images = await _fixed_render(model, body, deadline)
-        else:
-            images, extra = await _ddim(model, spec, body, seed, deadline)
-            headers.update(extra)
-        return await image_response(
-            images, model.manifest.preprocessing.output_range, fmt, bit_depth=bit_depth, headers=headers
-        )

@@ -1,8 +1,7 @@
 """An AOTInductor package (.pt2 from `aoti_compile_and_package`).
 
 AOTI programs accept wrong shapes silently (and may read out of bounds), so every input is checked
-against the manifest's TensorSpec in Python before it runs. A program compiled for a fixed batch is
-fed zero-padded batches and its outputs are cut back.
+against the manifest's TensorSpec in Python before it runs: dtype, rank and every fixed axis.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def check_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> None:
-    """Raise ValueError unless every spec'd input is present with its dtype, rank and fixed dims."""
+    """Raise ValueError unless every spec'd input is present with its dtype, rank and fixed dims (-1: any)."""
     for spec in specs:
         if spec.name not in inputs:
             raise ValueError(f"missing input {spec.name!r}")
@@ -31,12 +30,14 @@ def check_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> None
             raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
         if array.ndim != len(spec.shape):
             raise ValueError(f"input {spec.name!r} has rank {array.ndim}, expected shape {spec.shape}")
-        for axis, (have, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-            if axis > 0 and want > 0 and have != want:
+        for have, want in zip(array.shape, spec.shape, strict=True):
+            if want > 0 and have != want:
                 raise ValueError(f"input {spec.name!r} has shape {list(array.shape)}, expected {spec.shape}")
 
 
 class AotiRuntime:
+    """An AOTInductor package, fed positionally in the manifest's input order after `check_inputs`."""
+
     format = "aoti"
 
     def __init__(
@@ -61,31 +62,15 @@ class AotiRuntime:
         self.inputs = list(inputs)
         self.input_names = [s.name for s in inputs]
         self.output_names = [s.name for s in outputs]
-        fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] > 0}
-        self.fixed_batch: int | None = fixed.pop() if len(fixed) == 1 else None
         self.provider = f"aoti:{self.device}"
         self._lock = threading.Lock()
-        log.info("aoti %s on %s (fixed batch: %s)", Path(path).name, self.provider, self.fixed_batch)
+        log.info("aoti %s on %s", Path(path).name, self.provider)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        padded = dict(inputs)
-        batch = next(iter(inputs.values())).shape[0] if inputs else 0
-        if self.fixed_batch is not None:
-            if batch > self.fixed_batch:
-                raise ValueError(f"batch {batch} exceeds the compiled batch {self.fixed_batch}")
-            for name, array in inputs.items():
-                if array.shape[0] < self.fixed_batch:
-                    pad = np.zeros((self.fixed_batch - array.shape[0], *array.shape[1:]), dtype=array.dtype)
-                    padded[name] = np.concatenate([array, pad])
-        check_inputs(padded, self.inputs)
-        tensors = [
-            torch.from_numpy(np.ascontiguousarray(padded[n])).to(self.device) for n in self.input_names
-        ]
+        check_inputs(inputs, self.inputs)
+        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in self.input_names]
         with self._lock, torch.no_grad():
             result = self.program(*tensors)
         result = list(result) if isinstance(result, (tuple, list)) else [result]
-        out = {name: t.detach().cpu().numpy() for name, t in zip(self.output_names, result, strict=False)}
-        if self.fixed_batch is not None and batch < self.fixed_batch:
-            out = {name: array[:batch] for name, array in out.items()}
-        return out
+        return {name: t.detach().cpu().numpy() for name, t in zip(self.output_names, result, strict=False)}

@@ -99,11 +99,6 @@ class TorchExportRuntime:
             (grad,) = torch.autograd.grad(loss, xt)
         return grad.abs().detach().cpu().numpy().astype(np.float32)
 
-    def input_gradient_saliency(self, x: np.ndarray, spec: SaliencySpec | None = None) -> np.ndarray:
-        """Saliency of a batch as the SaliencySpec says: |d/dx|, one global min-max over the batch, + eps."""
-        spec = spec or SaliencySpec()
-        return normalize_saliency(self.input_gradient(x, spec), spec)
-
 
 def normalize_saliency(grad_abs: np.ndarray, spec: SaliencySpec) -> np.ndarray:
     """One global min-max over the whole tensor (the request's batch), `eps` in the denominator."""

@@ -6,7 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class SampleRequest(BaseModel):
-    """Body of POST /v1/models/{name}/sample; limits that depend on settings are checked in the route."""
+    """Body of POST /v1/models/{name}/sample; limits that depend on settings or the model's sampler are
+    checked per request (422 naming the field and the limit)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -14,6 +14,8 @@ class ErrorDetail(BaseModel):
     limit: Any = None
 
 
+# The docstring below is the schema's OpenAPI description; `app.api.error_handlers.error_response`
+# builds every error answer from these two models, so the documented shape is the one sent.
 class ErrorBody(BaseModel):
     """Every 4xx/5xx answer of the service: `{"error": {"code", "message", "field", "limit"}}`."""
 

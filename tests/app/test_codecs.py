@@ -1,4 +1,4 @@
-"""app.codecs: every image format in, 8/16-bit, channels, resizing, latents, PNG grids, negotiation."""
+"""app.codecs: every image format in, 8/16-bit, channels, resizing, latents, PNG grids, heat overlays."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from app import codecs
-from app.errors import InvalidInput, NotAcceptable
+from app.errors import InvalidInput
 from app.schemas.manifest import Preprocessing
 
 
@@ -191,30 +191,6 @@ def test_to_unit_range_maps_tanh_outputs():
     np.testing.assert_allclose(
         codecs.to_unit_range(np.array([-1.0, 0.0, 1.0, 2.0]), (-1.0, 1.0)), [0.0, 0.5, 1.0, 1.0]
     )
-
-
-@pytest.mark.parametrize(
-    ("accept", "fmt", "expected"),
-    [
-        (None, None, "png"),
-        ("*/*", None, "png"),
-        ("application/x-npy", None, "npy"),
-        ("application/json;q=0.5, application/x-npy;q=0.9", None, "npy"),
-        ("image/*", None, "png"),
-        ("application/x-npy", "json", "json"),
-    ],
-)
-def test_negotiate(accept, fmt, expected):
-    assert codecs.negotiate(accept, fmt, ("png", "npy", "json")) == expected
-
-
-def test_negotiate_refuses_with_the_offer():
-    with pytest.raises(NotAcceptable) as info:
-        codecs.negotiate("text/html", None, ("png", "npy"))
-    assert info.value.field == "Accept" and info.value.limit == ["image/png", "application/x-npy"]
-    with pytest.raises(NotAcceptable) as info:
-        codecs.negotiate(None, "gif", ("png",))
-    assert info.value.field == "format"
 
 
 def test_decompression_bombs_are_refused(monkeypatch):

@@ -1,0 +1,183 @@
+"""The v1 HTTP protocol: one generic route per capability spec, `POST /v1/models/{name}/{capability}`.
+
+decode (request -> the op's inputs, by input kind) -> validate (the spec's check; codecs validate
+what they decode) -> submit (the spec's run) -> encode (by output kind, in the negotiated format).
+"""
+# No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations, and the
+# options dependency of each spec is a local of `endpoint_for`, which a string annotation cannot name.
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app import codecs
+from app.api.capabilities import CAPABILITIES
+from app.api.deps import ReadyRecordDep, SettingsDep, deadline_from_now, require_capability, track
+from app.api.io import image_response, json_bytes, latents_response, read_body, read_images, read_latents
+from app.api.negotiation import negotiate
+from app.api.spec import Arrays, CapabilitySpec, InputKind, Job, Outcome, OutputKind, RequestOptions
+from app.errors import InvalidInput
+from app.schemas.manifest import OpSpec
+from app.schemas.requests import SampleRequest
+from app.schemas.responses import ERROR_RESPONSES
+from app.settings import Settings
+from app.store import ModelRecord
+
+# response formats each output kind offers; the first is the default
+FORMATS: dict[OutputKind, tuple[str, ...]] = {
+    "latents": ("json", "npy"),
+    "images": ("png", "npy", "json"),
+    "attention": ("json", "png"),
+}
+
+# ------------------------------------------------------------------------------ options (query, body)
+FormatQuery = Annotated[str | None, Query(description="png | npy | json; overrides the Accept header")]
+LatentFormatQuery = Annotated[str | None, Query(description="json | npy; overrides the Accept header")]
+BitDepthQuery = Annotated[int, Query(description="PNG bit depth: 8 or 16 (16 for grayscale only)")]
+AttentionFormatQuery = Annotated[str | None, Query(description="json | png (saliency overlaid on the input)")]
+SaliencyQuery = Annotated[bool, Query(description="compute the saliency heatmap (needs torch)")]
+
+
+def latent_options(format: LatentFormatQuery = None) -> RequestOptions:
+    return RequestOptions(format=format)
+
+
+def image_options(format: FormatQuery = None, bit_depth: BitDepthQuery = 8) -> RequestOptions:
+    return RequestOptions(format=format, bit_depth=bit_depth)
+
+
+def attention_options(format: AttentionFormatQuery = None, saliency: SaliencyQuery = True) -> RequestOptions:
+    return RequestOptions(format=format, saliency=saliency)
+
+
+def sample_options(
+    body: SampleRequest | None = None, format: FormatQuery = None, bit_depth: BitDepthQuery = 8
+) -> RequestOptions:
+    return RequestOptions(format=format, bit_depth=bit_depth, sample=body or SampleRequest())
+
+
+def options_for(spec: CapabilitySpec) -> Callable[..., RequestOptions]:
+    """The dependency that reads a spec's query parameters (and, for samples, the JSON body)."""
+    if spec.input == "sample-request":
+        return sample_options
+    return {"latents": latent_options, "images": image_options, "attention": attention_options}[spec.output]
+
+
+# ------------------------------------------------------------------------------ decode: request -> inputs
+async def read_image_input(request: Request, record: ModelRecord, op: OpSpec, settings: Settings) -> Arrays:
+    return {op.inputs[0].name: await read_images(request, settings, record.manifest.preprocessing, op)}
+
+
+async def read_latent_input(request: Request, record: ModelRecord, op: OpSpec, settings: Settings) -> Arrays:
+    return {op.inputs[0].name: await read_latents(request, settings, int(op.inputs[0].shape[1]))}
+
+
+async def read_no_input(request: Request, record: ModelRecord, op: OpSpec, settings: Settings) -> Arrays:
+    """A fixed render (e.g. ProgressiveDecoder) takes nothing: the body must be empty (or `{}`)."""
+    body = await read_body(request, settings.max_upload_bytes)
+    if body.strip() not in (b"", b"{}"):
+        raise InvalidInput("this decoder renders a fixed image and takes no latents", field="latents", limit=0)
+    return {}
+
+
+async def read_sample_input(request: Request, record: ModelRecord, op: OpSpec | None, settings: Settings) -> Arrays:
+    return {}  # the JSON body arrived parsed and validated by FastAPI, in RequestOptions.sample
+
+
+Reader = Callable[[Request, ModelRecord, OpSpec, Settings], Awaitable[Arrays]]
+READERS: dict[InputKind, Reader] = {
+    "images": read_image_input,
+    "latents": read_latent_input,
+    "none": read_no_input,
+    "sample-request": read_sample_input,
+}
+
+
+# ------------------------------------------------------------------------------ encode: outcome -> response
+async def latent_answer(outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions) -> Response:
+    latents = outcome.array
+    return await latents_response(latents.reshape(latents.shape[0], -1), fmt)
+
+
+async def image_answer(outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions) -> Response:
+    output_range = record.manifest.preprocessing.output_range
+    return await image_response(
+        outcome.array, output_range, fmt, bit_depth=options.bit_depth, headers=outcome.headers
+    )
+
+
+def overlay_png(images: np.ndarray, saliency: np.ndarray) -> tuple[bytes, int, int]:
+    return codecs.encode_png_grid(codecs.heat_overlay(images, saliency))
+
+
+async def attention_answer(outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions) -> Response:
+    """JSON (attention matrix, saliency, methods) or the saliency overlaid on the input as a PNG grid."""
+    headers = dict(outcome.headers)
+    if fmt == "png":
+        images = outcome.inputs
+        png, rows, cols = await run_in_threadpool(overlay_png, images, outcome.saliency)
+        headers.update({"X-Image-Count": str(images.shape[0]), "X-Grid-Rows": str(rows), "X-Grid-Cols": str(cols)})
+        return Response(png, media_type=codecs.PNG_MEDIA_TYPE, headers=headers)
+    attention, heat = outcome.array, outcome.saliency
+    body = {
+        "attention": attention,
+        "attention_shape": list(attention.shape),
+        "saliency": heat,
+        "saliency_shape": None if heat is None else list(heat.shape),
+        "methods": outcome.methods,
+    }
+    data = await run_in_threadpool(json_bytes, body)
+    return Response(data, media_type=codecs.JSON_MEDIA_TYPE, headers=headers)
+
+
+Writer = Callable[[Outcome, ModelRecord, str, RequestOptions], Awaitable[Response]]
+WRITERS: dict[OutputKind, Writer] = {"latents": latent_answer, "images": image_answer, "attention": attention_answer}
+
+
+# ------------------------------------------------------------------------------ the one handler and its routes
+async def serve(
+    spec: CapabilitySpec, request: Request, record: ModelRecord, settings: Settings, options: RequestOptions
+) -> Response:
+    """decode -> validate -> submit -> encode, counted and timed under the capability's name."""
+    async with track(record, spec.name):
+        require_capability(record, spec.name)
+        fmt = negotiate(request.headers.get("accept"), options.format, FORMATS[spec.output])
+        if spec.check is not None:
+            spec.check(record, settings, options, fmt)
+        op = record.op(spec.op) if spec.op is not None else None
+        inputs = await READERS[spec.input_kind(op)](request, record, op, settings)
+        outcome = await spec.run(Job(record, spec.op, inputs, options, deadline_from_now(settings)))
+        return await WRITERS[spec.output](outcome, record, fmt, options)
+
+
+def endpoint_for(spec: CapabilitySpec) -> Callable[..., Awaitable[Response]]:
+    """The route function of one spec: its own options dependency, the shared handler."""
+    options_dependency = options_for(spec)
+
+    async def endpoint(
+        request: Request,
+        record: ReadyRecordDep,
+        settings: SettingsDep,
+        options: Annotated[RequestOptions, Depends(options_dependency)],
+    ) -> Response:
+        return await serve(spec, request, record, settings, options)
+
+    return endpoint
+
+
+def router(capabilities: Sequence[CapabilitySpec] = CAPABILITIES) -> APIRouter:
+    """`POST /v1/models/{name}/{capability}` for every spec, in order."""
+    v1 = APIRouter(prefix="/v1/models", responses=ERROR_RESPONSES)
+    for spec in capabilities:
+        v1.add_api_route(
+            f"/{{name}}/{spec.name}",
+            endpoint_for(spec),
+            methods=["POST"],
+            summary=spec.summary,
+            tags=[spec.tag],
+            name=spec.name.replace("-", "_"),
+        )
+    return v1
