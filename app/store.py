@@ -7,28 +7,32 @@ check is kept as `unavailable` with its reason, so `/v1/models` can say why it i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Literal
 
 from app.runtime.base import Runtime, RuntimeLoadError
 from app.schemas.manifest import ArtifactFormat, Manifest, OpSpec
+from app.schemas.store_format import (
+    StoreError,
+    model_dirs,
+    newest_version_dir,
+    read_manifest,
+    resolve_artifact,
+    verify_artifacts,
+    version_key,
+)
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.batcher import Engine
+    from app.diffusion import ContinuousDdimSampler
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 ModelState = Literal["loading", "ready", "unavailable"]
-
-
-class StoreError(Exception):
-    """A model version that cannot be served; the message is the reason shown to clients."""
+__all__ = ["ModelRecord", "ModelRegistry", "StoreError", "load_model", "scan_store", "version_key"]
 
 
 @dataclass(eq=False)
@@ -43,10 +47,10 @@ class ModelRecord:
     reason: str = ""
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     formats: dict[str, ArtifactFormat] = field(default_factory=dict)
-    saliency: Any = None  # TorchExportRuntime of manifest.saliency.op, when loadable
+    saliency: Runtime | None = None  # torch.export program of manifest.saliency.op, when loadable
     saliency_reason: str = ""  # why it is not, when it is not
-    engine: Any = None  # app.batcher.Engine
-    sampler: Any = None  # app.diffusion.ContinuousDdimSampler (ddim models)
+    engine: Engine | None = None  # set by the lifespan once the model is loaded
+    sampler: ContinuousDdimSampler | None = None  # ddim models only
     load_seconds: float = 0.0
 
     def fail(self, reason: str) -> None:
@@ -63,68 +67,17 @@ class ModelRecord:
         return self.manifest.ops[name]  # type: ignore[index]
 
 
-def version_key(version: str) -> tuple:
-    """Numeric-aware sort key: '10' > '9', 'v1.10' > 'v1.9'; non-numeric parts compare as text."""
-    parts = re.split(r"(\d+)", version)
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p != "")
-
-
 def scan_store(root: Path) -> list[ModelRecord]:
-    """One record per model directory, pointing at its newest version (or unavailable with a reason)."""
+    """One record per model directory, pointing at its newest version."""
     if not root.is_dir():
         log.warning("model store %s does not exist; serving no models", root)
         return []
     records = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = [v for v in model_dir.iterdir() if v.is_dir() and (v / MANIFEST).is_file()]
-        if not versions:
-            continue
-        newest = max(versions, key=lambda v: version_key(v.name))
-        records.append(ModelRecord(name=model_dir.name, version=newest.name, path=newest))
+    for model_dir in model_dirs(root):
+        newest = newest_version_dir(model_dir)
+        if newest is not None:
+            records.append(ModelRecord(name=model_dir.name, version=newest.name, path=newest))
     return records
-
-
-def read_manifest(version_dir: Path) -> Manifest:
-    try:
-        raw = json.loads((version_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"manifest.json unreadable: {exc}") from exc
-    try:
-        return Manifest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise StoreError(
-            f"manifest invalid at {where}: {first['msg']} ({exc.error_count()} error(s))"
-        ) from exc
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def resolve_artifact(version_dir: Path, relative: str) -> Path:
-    path = (version_dir / relative).resolve()
-    if not path.is_relative_to(version_dir.resolve()):
-        raise StoreError(f"artifact {relative!r} points outside its version directory")
-    return path
-
-
-def verify_artifacts(manifest: Manifest, version_dir: Path) -> None:
-    """Every artifact record exists with its exact size and sha256."""
-    for record in manifest.artifacts:
-        path = resolve_artifact(version_dir, record.path)
-        if not path.is_file():
-            raise StoreError(f"artifact {record.path} is missing")
-        size = path.stat().st_size
-        if size != record.bytes:
-            raise StoreError(f"artifact {record.path} has {size} bytes, manifest says {record.bytes}")
-        digest = sha256_file(path)
-        if digest != record.sha256.lower():
-            raise StoreError(
-                f"artifact {record.path} sha256 mismatch: {digest[:12]}… != {record.sha256[:12]}…"
-            )
 
 
 def choose_format(op: OpSpec, prefer: str) -> ArtifactFormat:

@@ -1,8 +1,8 @@
 """The model-store manifest: the only contract between `training` (writer) and `app` (reader).
 
 One `manifest.json` per `<model>/<version>/` directory. `training.store` builds a `Manifest` and
-writes it; `app.store` reads and validates it with this same model. Pure pydantic: importing this
-module must never pull in fastapi, torch or onnxruntime.
+writes it; `app.schemas.store_format` reads and verifies it for both sides with this same model.
+Pure pydantic: importing this module must never pull in fastapi, torch or onnxruntime.
 
 Op names and their tensor conventions (all images NCHW float32):
   encode            image (B,C,H,W) -> latent (B,D)                     (always flat, for LSTMs)
@@ -33,7 +33,8 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """One named tensor. `shape` uses -1 for a dynamic axis (always axis 0, the batch)."""
+    """One named tensor. `shape` uses -1 for a dynamic axis: axis 0 (the batch) always, and the image
+    axes 2 and 3 of an op whose preprocessing has `dynamic_hw`."""
 
     name: str
     dtype: DType = "float32"
@@ -111,6 +112,9 @@ class Manifest(_Strict):
     name: str
     version: str
     family: str                                         # fixture folder name, e.g. "autoencoder-cnn-v3"
+    # the registered variant (training.registry) that, built with `config`, rebuilds the model alone;
+    # None only in stores written before the field existed
+    architecture: str | None = None
     description: str = ""
     config: dict                                        # the family config; rebuilds the model alone
     capabilities: list[Capability]
