@@ -1,32 +1,39 @@
 """Dynamic batching with one engine per model instance.
 
-An `Engine` owns one worker thread (so exactly one batch of that model is in flight and the event
-loop stays free) and one bounded queue per (op, input shape). Items are frames: a request of N
-frames counts N, is split into chunks of at most `max_batch_size` (never rejected for its size) and
-answered in order. A queue flushes when it holds `max_batch_size` items, when its first item has
-waited `max_delay`, or - with `idle_start` - as soon as the engine is idle, so a lone request never
-waits while the next batch collects during a run. Batches are concatenated and split back by
-offsets in the worker thread; results go to each request's own future. Requests past their deadline
-(504) or whose client left (cancelled future) are skipped before running; a full queue is a 429 with
-Retry-After.
+An `Engine` is an `app.scheduling.WorkerLoop`: one worker thread (so exactly one batch of that model
+is in flight and the event loop stays free) fed by one scheduler task. It keeps one bounded queue per
+op and per input signature (name, per-item shape and dtype of every input). Items are frames: a
+request of N frames counts N, is split into chunks of at most the op's batch limit (the smaller of
+`max_batch_size` and the op's own; never rejected for its size) and answered in order. A queue
+flushes when it holds a full batch, when its first item has waited `max_delay_s`, or - with
+`idle_start` - as soon as the scheduler is free, so a lone request never waits while the next batch
+collects during a run. Batches are concatenated along axis 0 and split back by offsets in the
+worker thread; results go to each request's own future. Items past their deadline (504; absolute,
+on the loop clock) or whose client left (cancelled future) are dropped before running.
+
+Bounds (each a 429 `QueueFull` with Retry-After, counted in `aeserve_rejections_total`): a request
+that would overfill a non-empty queue beyond `max_queue_items` frames; one that does not fit the
+`app.admission.ItemBudget` shared by every engine (frames queued in all queues of all engines
+together); one that would open a queue beyond `max_queues` distinct (op, signature) queues. Queues
+left empty are pruned at the scheduler's next pass, so idle shapes cost nothing.
+An op without inputs (a fixed render) runs once per request and is never batched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.errors import DeadlineExceeded, EngineError, QueueFull, ShuttingDown
+from app.admission import ItemBudget, shed
+from app.errors import EngineError, ShuttingDown
 from app.metrics import BATCH_SIZE, COMPUTE_DURATION, QUEUE_DEPTH, QUEUE_WAIT
+from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, settle_if_expired
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +94,10 @@ def run_batch(run: RunFn, inputs: list[Arrays], sizes: list[int], has_inputs: bo
     return results
 
 
-class Engine:
+EXPIRED_IN_QUEUE = "deadline passed while queued"
+
+
+class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
     """One model instance: one worker thread, exactly one batch in flight, one queue per (op, shape)."""
 
     def __init__(
@@ -99,20 +109,23 @@ class Engine:
         max_delay_s: float,
         max_queue_items: int,
         idle_start: bool = True,
+        budget: ItemBudget | None = None,
+        max_queues: int = 64,
     ) -> None:
+        """`budget` is shared by every engine of the service (None: a private one that only the per-queue
+        bounds limit: `max_queue_items` × `max_queues`)."""
+        super().__init__(f"engine-{model}")
         self.model = model
         self.version = version
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_items = max_queue_items
         self.idle_start = idle_start
+        self.budget = budget if budget is not None else ItemBudget(max_queue_items * max_queues)
+        self.max_queues = max_queues
         self._ops: dict[str, _OpEntry] = {}
         self._queues: dict[tuple, _Queue] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
-        self._stopping = False
-        self._last_compute_s = 0.01
+        self._last_compute_s = 0.01  # seconds of the last batch, for Retry-After
 
     # ------------------------------------------------------------------ set-up
     def register(
@@ -122,102 +135,109 @@ class Engine:
         limit = min(self.max_batch_size, max_batch_size or self.max_batch_size)
         self._ops[op] = _OpEntry(run=run, max_batch=max(1, limit), has_inputs=has_inputs)
 
-    async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.model}")
-        self._task = asyncio.create_task(self._loop(), name=f"engine-{self.model}")
-
     async def stop(self, *, drain: bool = True) -> None:
         """Stop taking work; with `drain` finish what is queued, else fail it with 503."""
-        self._stopping = True
-        if not drain:
-            for queue in self._queues.values():
-                while queue.items:
-                    item = queue.items.popleft()
-                    self._forget(queue, item)
-                    if not item.future.done():
-                        item.future.set_exception(ShuttingDown("the server is shutting down"))
-        if self._wake is not None:
-            self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        if self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown, True)
-            self._executor = None
+        await self._shut_down(lambda: ShuttingDown("the server is shutting down"), drain=drain)
 
     # ------------------------------------------------------------------ requests
     def queued_items(self, op: str | None = None) -> int:
+        """Frames waiting in the queues of `op` (all ops when None)."""
         return sum(q.queued for q in self._queues.values() if op is None or q.op == op)
+
+    def queue_count(self) -> int:
+        """Queues held now (empty ones are pruned at the scheduler's next pass)."""
+        return len(self._queues)
 
     async def submit(self, op: str, inputs: Arrays, *, deadline: float | None = None) -> Arrays:
         """Queue `inputs` (all with the same leading batch axis) for `op`; returns that op's outputs.
 
-        `deadline` is on the event loop's clock (`loop.time()`); past it the request fails with 504.
+        `deadline` is absolute on the event loop's clock (`loop.time()`); past it the request fails
+        with 504. A stopped engine raises `ShuttingDown` (503); a full queue, a full shared budget or
+        too many queues `QueueFull` (429).
         """
-        if self._stopping or self._task is None:
-            raise ShuttingDown("the server is shutting down", code="shutting_down")
+        if not self.running:
+            raise ShuttingDown("the server is shutting down")
         entry = self._ops[op]
-        loop = asyncio.get_running_loop()
         total = next(iter(inputs.values())).shape[0] if entry.has_inputs and inputs else 1
         key = (op, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())))
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _Queue(op, entry.run, entry.max_batch, entry.has_inputs)
-        if queue.queued and queue.queued + total > self.max_queue_items:
-            retry = max(1, math.ceil((queue.queued / queue.max_batch + 1) * self._last_compute_s))
-            raise QueueFull(
-                f"queue for {op} holds {queue.queued} items",
-                field="queue",
-                limit=self.max_queue_items,
-                headers={"Retry-After": str(retry)},
+            self._check_queue_count(op)
+        else:
+            self._check_room(queue, total)
+        if not self.budget.reserve(total):
+            raise shed(
+                f"the server holds {self.budget.held} queued items", reason="items_budget",
+                field="queued_items", limit=self.budget.limit,
+                retry_after_s=self._retry_after_s(self.queued_items(), entry.max_batch),
+                labels=(self.model, self.version, op),
             )
+        if queue is None:
+            queue = self._queues[key] = _Queue(op, entry.run, entry.max_batch, entry.has_inputs)
+        items = self._enqueue(queue, inputs, total, deadline)
+        results = await self._wait_for_results(
+            [item.future for item in items], deadline, f"{op} did not finish within the request deadline"
+        )
+        if len(results) == 1:
+            return results[0]
+        return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+
+    def _retry_after_s(self, queued: int, max_batch: int) -> float:
+        """Seconds until `queued` items have run, from the last batch's time."""
+        return (queued / max_batch + 1) * self._last_compute_s
+
+    def _check_room(self, queue: _Queue, total: int) -> None:
+        """429 when `total` more frames would overfill a non-empty queue (an empty one takes any size)."""
+        if queue.queued and queue.queued + total > self.max_queue_items:
+            raise shed(
+                f"queue for {queue.op} holds {queue.queued} items", reason="queue_full", field="queue",
+                limit=self.max_queue_items, retry_after_s=self._retry_after_s(queue.queued, queue.max_batch),
+                labels=(self.model, self.version, queue.op),
+            )
+
+    def _check_queue_count(self, op: str) -> None:
+        """429 when a new queue would exceed `max_queues` (after pruning the empty ones)."""
+        self._prune_empty_queues()
+        if len(self._queues) >= self.max_queues:
+            raise shed(
+                f"{self.model} holds {len(self._queues)} distinct input queues", reason="queue_count",
+                field="queues", limit=self.max_queues,
+                retry_after_s=self._retry_after_s(self.queued_items(), self.max_batch_size),
+                labels=(self.model, self.version, op),
+            )
+
+    def _prune_empty_queues(self) -> None:
+        for key in [key for key, queue in self._queues.items() if not queue.items]:
+            del self._queues[key]
+
+    def _enqueue(self, queue: _Queue, inputs: Arrays, total: int, deadline: float | None) -> list[_Item]:
+        """Split `inputs` into chunks of at most the queue's batch size, queue them, wake the scheduler."""
+        loop = asyncio.get_running_loop()
         now = loop.time()
         items, offset = [], 0
-        for size in split_sizes(total, queue.max_batch) if entry.has_inputs else [1]:
+        for size in split_sizes(total, queue.max_batch) if queue.has_inputs else [1]:
             chunk = {n: a[offset : offset + size] for n, a in inputs.items()}
             offset += size
             items.append(_Item(chunk, size, loop.create_future(), now, deadline))
         queue.items.extend(items)
         queue.queued += total
-        QUEUE_DEPTH.labels(self.model, self.version, op).inc(total)
-        assert self._wake is not None
-        self._wake.set()
-
-        futures = [item.future for item in items]
-        timeout = None if deadline is None else max(0.0, deadline - loop.time())
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*futures), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"{op} did not finish within the request deadline", field="deadline", code="deadline_exceeded"
-            ) from None
-        finally:
-            for future in futures:  # cancelled futures are skipped by the scheduler
-                if not future.done():
-                    future.cancel()
-        if len(results) == 1:
-            return results[0]
-        return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+        QUEUE_DEPTH.labels(self.model, self.version, queue.op).inc(total)
+        self._wake_up()
+        return items
 
     # ------------------------------------------------------------------ scheduler
     def _forget(self, queue: _Queue, item: _Item) -> None:
         queue.queued -= item.size
+        self.budget.release(item.size)
         QUEUE_DEPTH.labels(self.model, self.version, queue.op).dec(item.size)
 
+    def _is_over(self, item: _Item, now: float) -> bool:
+        return settle_if_expired(item.future, item.deadline, now, EXPIRED_IN_QUEUE)
+
     def _purge_head(self, queue: _Queue, now: float) -> None:
-        while queue.items:
-            head = queue.items[0]
-            if head.future.done():
-                queue.items.popleft()
-                self._forget(queue, head)
-            elif head.deadline is not None and now >= head.deadline:
-                queue.items.popleft()
-                self._forget(queue, head)
-                head.future.set_exception(DeadlineExceeded("deadline passed while queued", field="deadline"))
-            else:
-                return
+        """Drop leading items that are over (answered elsewhere, cancelled, or expired: 504)."""
+        while queue.items and self._is_over(queue.items[0], now):
+            self._forget(queue, queue.items.popleft())
 
     def _pick(self, now: float) -> tuple[_Queue | None, float | None]:
         """The ready queue with the oldest head, else how long until one becomes ready."""
@@ -225,8 +245,8 @@ class Engine:
         wait: float | None = None
         for queue in self._queues.values():
             self._purge_head(queue, now)
-            if not queue.items:
-                continue
+        self._prune_empty_queues()
+        for queue in self._queues.values():
             head = queue.items[0]
             due = head.enqueued_at + self.max_delay_s
             if self.idle_start or self._stopping or queue.queued >= queue.max_batch or now >= due:
@@ -237,69 +257,58 @@ class Engine:
         return best, wait
 
     def _take(self, queue: _Queue, now: float) -> list[_Item]:
+        """Pop live items from the head up to the queue's batch size, dropping those that are over."""
         batch: list[_Item] = []
         size = 0
         while queue.items:
             item = queue.items[0]
-            if item.future.done():
-                queue.items.popleft()
-                self._forget(queue, item)
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                queue.items.popleft()
-                self._forget(queue, item)
-                item.future.set_exception(DeadlineExceeded("deadline passed while queued", field="deadline"))
-                continue
-            if batch and size + item.size > queue.max_batch:
+            over = self._is_over(item, now)
+            if not over and batch and size + item.size > queue.max_batch:
                 break
             queue.items.popleft()
             self._forget(queue, item)
+            if over:
+                continue
             batch.append(item)
             size += item.size
             if not queue.has_inputs:
                 break
         return batch
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None
-        while True:
-            now = loop.time()
-            queue, wait = self._pick(now)
-            if queue is None:
-                if self._stopping and wait is None:
-                    return
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                continue
-            batch = self._take(queue, now)
-            if batch:
-                await self._execute(queue, batch, loop)
+    def _next_batch(self, now: float) -> tuple[tuple[_Queue, list[_Item]] | None, float | None]:
+        queue, wait = self._pick(now)
+        if queue is None:
+            return None, wait
+        return (queue, self._take(queue, now)), None  # `_pick` left a live head: never empty
 
-    async def _execute(self, queue: _Queue, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+    def _fail_waiting(self, error: ErrorFactory) -> None:
+        for queue in self._queues.values():
+            while queue.items:
+                item = queue.items.popleft()
+                self._forget(queue, item)
+                fail_unanswered([item.future], error)
+
+    async def _execute(self, batch: tuple[_Queue, list[_Item]]) -> None:
+        queue, items = batch
         labels = (self.model, self.version, queue.op)
-        started = loop.time()
-        for item in batch:
+        started = asyncio.get_running_loop().time()
+        for item in items:
             QUEUE_WAIT.labels(*labels).observe(started - item.enqueued_at)
-        sizes = [item.size for item in batch]
+        sizes = [item.size for item in items]
         t0 = time.perf_counter()
         try:
-            assert self._executor is not None
-            results = await loop.run_in_executor(
-                self._executor, run_batch, queue.run, [i.inputs for i in batch], sizes, queue.has_inputs
-            )
+            inputs = [item.inputs for item in items]
+            results = await self._in_worker(run_batch, queue.run, inputs, sizes, queue.has_inputs)
         except Exception as exc:
             log.exception("%s/%s %s: batch of %d failed", self.model, self.version, queue.op, sum(sizes))
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(EngineError(f"{queue.op} failed in the engine: {exc}"))
+            message = f"{queue.op} failed in the engine: {exc}"
+            fail_unanswered((item.future for item in items), lambda: EngineError(message))
             return
         finally:
             elapsed = time.perf_counter() - t0
             self._last_compute_s = elapsed
             COMPUTE_DURATION.labels(*labels).observe(elapsed)
             BATCH_SIZE.labels(*labels).observe(sum(sizes))
-        for item, result in zip(batch, results, strict=True):
+        for item, result in zip(items, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)

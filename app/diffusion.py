@@ -1,55 +1,65 @@
 """Step-level continuous batching for DDIM sampling.
 
-One `ContinuousDdimSampler` per diffusion model version runs a single sampling loop. Every request
-is split into rows (one per sample); each row keeps its own timestep position, step count, eta,
-condition and noise stream. At every loop iteration the rows that are active (at most
-`max_batch_size`) go through ONE denoiser call together, whatever timestep each is at; rows that
-finish leave, and rows of requests that arrived meanwhile take the free slots at the next step.
-The blocking denoiser (an ONNX Runtime session call) runs in one dedicated worker thread.
+One `ContinuousDdimSampler` per diffusion model version runs a single sampling loop (an
+`app.scheduling.WorkerLoop`: one scheduler task, one worker thread for the blocking denoiser, an
+ONNX Runtime session call). Every request is split into rows (one per sample); each row keeps its
+own timestep position, step count, eta, condition and noise stream. At every loop iteration up to
+`max_batch_size` rows go through ONE denoiser call together, whatever timestep each is at; rows that
+finish leave and free their slots for the next step. The DDIM math (diffusers' `DDIMScheduler`
+defaults, rebuilt in numpy) lives in `app.ddim`.
 
-The DDIM math is diffusers' `DDIMScheduler` with its defaults (identical to the ai-design original
-for every S that divides T): "leading" timestep spacing t_k = k·(T // S) visited in descending order
-(T = 1000, S = 10 → 900, 800, …, 0; exactly S steps), `steps_offset=0`, `set_alpha_to_one=True`
-(ᾱ_prev = 1 on the last step), x̂₀ clipped to [−1, 1] when `clip_denoised`, and the direction term
-uses the raw ε. The schedule is rebuilt in numpy from the manifest's numbers bit-for-bit as torch
-builds it (float32 `linspace`, `cumprod` accumulated in float64), so `app` needs no training code.
+Fair share: when more rows want a step than there are slots, the slots are split max-min fairly
+between the admitted requests (`app.scheduling.fair_shares`), starting each step where the last one
+stopped (round-robin), so every request advances at every step (or, with more requests than
+slots, at least every ceil(requests / slots) steps): a 64-sample × 1000-step request cannot starve a
+1-sample × 10-step one. Within a request the most advanced rows go first, so its rows finish early.
+A row that waits a step keeps its state, so the results never depend on the schedule.
+
+Bounded admission, at `sample()` before anything is queued (each a 429 `QueueFull` with
+Retry-After, counted in `aeserve_rejections_total`): more than `max_rows` rows waiting or running
+(an idle sampler takes any size), or a deadline the request cannot meet at the present load, from
+the measured mean step time (unknown before the first step: then nothing is refused, and the
+deadline cut-off below still bounds the work). A request that could not meet its deadline even
+alone is a 504 `DeadlineExceeded` (code `deadline_unreachable`) at once.
 
 Noise: a request's x_T is `default_rng(seed).standard_normal((N, C, H, W), float32)`; for η > 0 row i
 draws its per-step noise from child i of that generator (`Generator.spawn`). Row i of a request
 therefore depends only on (seed, i, steps, eta, condition), never on what else shares the batch.
 
-`deadline` is absolute, on the event loop's clock (`loop.time()`, as `app.batcher` uses); a request past
-it fails with `app.errors.DeadlineExceeded` (504). Bad arguments raise `InvalidSampleRequest` (422),
-a stopped sampler `SamplerStopped` (503), a failing denoiser `EngineError` (500) for its whole batch.
+`deadline` is absolute, on the event loop's clock (`loop.time()`, `time.monotonic()` on the default
+loop; the same clock as `app.batcher`); a request past it fails with `app.errors.DeadlineExceeded`
+(504) and its rows leave the loop before the next step (cut off, never left to run). Bad arguments
+raise `InvalidSampleRequest` (422), a stopped sampler `SamplerStopped` (503), a failing denoiser
+`EngineError` (500) for every request in its step batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.admission import count_rejection, shed
+from app.ddim import ddim_step, ddim_timesteps, schedule_from_spec
 from app.errors import DeadlineExceeded, EngineError, InvalidInput, ServiceError, ShuttingDown
 from app.metrics import COMPUTE_DURATION, DIFFUSION_ACTIVE, DIFFUSION_STEP_BATCH, QUEUE_DEPTH, QUEUE_WAIT
+from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, fair_shares, settle_if_expired
 from app.schemas.manifest import SamplerSpec
 
-__all__ = ["ContinuousDdimSampler", "DeadlineExceeded", "InvalidSampleRequest", "SamplerStopped",
-           "ddim_step", "ddim_timesteps", "schedule_from_spec"]
+__all__ = ["ContinuousDdimSampler", "InvalidSampleRequest", "SamplerStopped"]
 
 log = logging.getLogger(__name__)
 
 DenoiseFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 OP = "denoise"
-COSINE_S = 0.008
-COSINE_BETA_CLIP = (1e-4, 0.9999)
+DEFAULT_MAX_ROWS = 128
+STEP_TIME_SMOOTHING = 0.2  # weight of the newest step in the moving mean step time
 
 
 class SamplerStopped(ShuttingDown, RuntimeError):
@@ -60,112 +70,25 @@ class InvalidSampleRequest(InvalidInput, ValueError):
     """A sample() argument is out of range (422, naming the field)."""
 
 
-# ------------------------------------------------------------------------------- pure DDIM math
-
-
-def linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
-    """float32 β = torch.linspace(beta_start, beta_end, T), reproduced bit for bit.
-
-    torch computes step = (end − start) / (T − 1) in float32, then start + step·i for the first half
-    and end − step·(T − 1 − i) for the second, each with one rounding (a fused multiply-add).
-    """
-    start, end = np.float32(beta_start), np.float32(beta_end)
-    if num_train_timesteps == 1:
-        return np.array([start], dtype=np.float32)
-    step = np.float64((end - start) / np.float32(num_train_timesteps - 1))
-    i = np.arange(num_train_timesteps, dtype=np.float64)
-    first = np.float64(start) + step * i
-    second = np.float64(end) - step * (num_train_timesteps - 1 - i)
-    return np.where(i < num_train_timesteps // 2, first, second).astype(np.float32)
-
-
-def cosine_betas(num_train_timesteps: int) -> np.ndarray:
-    """Nichol & Dhariwal (2021), s = 0.008, computed in float64, β clipped to [1e-4, 0.9999], float32.
-
-    This is the ai-design original's cosine schedule (the one the models are trained with); it differs
-    from diffusers' "squaredcos_cap_v2" only in the clip bounds.
-    """
-    steps = np.linspace(0.0, num_train_timesteps, num_train_timesteps + 1, dtype=np.float64)
-    f = np.cos(((steps / num_train_timesteps) + COSINE_S) / (1 + COSINE_S) * np.pi * 0.5) ** 2
-    alphas_cumprod = f / f[0]
-    betas = 1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1]
-    return np.clip(betas, *COSINE_BETA_CLIP).astype(np.float32)
-
-
-def schedule_from_spec(spec: SamplerSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(β, ᾱ) as float32 arrays of length T from a "ddim" `SamplerSpec`."""
-    if spec.kind != "ddim":
-        raise ValueError(f"sampler.kind must be 'ddim' for ContinuousDdimSampler; got {spec.kind!r}")
-    num_t = spec.num_train_timesteps
-    if num_t is None or num_t < 1:
-        raise ValueError(f"sampler.num_train_timesteps must be an integer >= 1; got {num_t!r}")
-    if spec.beta_schedule == "linear":
-        if spec.beta_start is None or spec.beta_end is None:
-            raise ValueError("sampler.beta_schedule 'linear' needs sampler.beta_start and sampler.beta_end")
-        if not 0.0 < spec.beta_start <= spec.beta_end < 1.0:
-            raise ValueError(f"sampler.beta_start/beta_end must satisfy 0 < start <= end < 1; "
-                             f"got {spec.beta_start}, {spec.beta_end}")
-        betas = linear_betas(spec.beta_start, spec.beta_end, num_t)
-    elif spec.beta_schedule == "cosine":
-        betas = cosine_betas(num_t)
-    else:
-        raise ValueError(f"sampler.beta_schedule must be one of ('linear', 'cosine'); "
-                         f"got {spec.beta_schedule!r}")
-    # torch.cumprod on CPU accumulates float32 products in double and rounds each prefix once.
-    alphas_cumprod = np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
-    return betas, alphas_cumprod
-
-
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
-    """Visited timesteps, descending: k·(T // S) for k = S−1 … 0 (diffusers "leading", offset 0)."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be within [1, {num_train_timesteps}]; got {steps}")
-    stride = num_train_timesteps // steps
-    return np.arange(steps - 1, -1, -1, dtype=np.int64) * stride
-
-
-def ddim_step(x_t: np.ndarray, eps: np.ndarray, alpha_bar: np.ndarray, alpha_bar_prev: np.ndarray,
-              eta: np.ndarray, noise: np.ndarray | None, clip_denoised: bool) -> np.ndarray:
-    """One DDIM step for B rows, each with its own ᾱ_t, ᾱ_prev and η (1-D float32 arrays of length B).
-
-    x̂₀ = (x_t − sqrt(1−ᾱ_t)·ε)/sqrt(ᾱ_t) (clipped to [−1, 1] if `clip_denoised`);
-    σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev));
-    x_prev = sqrt(ᾱ_prev)·x̂₀ + sqrt(1−ᾱ_prev−σ²)·ε + σ·z. All arithmetic in float32, as torch does.
-    `noise` (z, like x_t) is only read for rows with η > 0.
-    """
-    shape = (-1,) + (1,) * (x_t.ndim - 1)
-    a = alpha_bar.astype(np.float32).reshape(shape)
-    a_prev = alpha_bar_prev.astype(np.float32).reshape(shape)
-    eta32 = eta.astype(np.float32).reshape(shape)
-    one = np.float32(1.0)
-    x0 = (x_t - np.sqrt(one - a) * eps) / np.sqrt(a)
-    if clip_denoised:
-        x0 = np.clip(x0, np.float32(-1.0), np.float32(1.0))
-    sigma = eta32 * np.sqrt((one - a_prev) / (one - a) * (one - a / a_prev))
-    x_prev = np.sqrt(a_prev) * x0 + np.sqrt(one - a_prev - sigma * sigma) * eps
-    if noise is not None and bool((eta32 > 0).any()):
-        x_prev = x_prev + np.where(eta32 > 0, sigma, np.float32(0.0)) * noise
-    return x_prev.astype(np.float32, copy=False)
-
-
-# ------------------------------------------------------------------------------ the batching loop
-
-
 @dataclass(eq=False)
 class _Request:
     x: np.ndarray                      # (N, C, H, W) float32, updated in place step by step
     condition: np.ndarray              # (N, M) float32
     timesteps: np.ndarray              # (S,) int64, descending
     eta: float
-    deadline: float | None
+    deadline: float | None             # absolute, on the loop clock
     future: asyncio.Future[np.ndarray]
-    arrived: float
-    rows_left: int
+    arrived: float                     # loop clock
+    rows: list[_Row] = field(default_factory=list)  # unfinished rows, the most advanced first
 
     @property
     def over(self) -> bool:
         """Finished, failed, or abandoned by its caller: its rows leave the loop."""
         return self.future.done()
+
+    def steps_left(self) -> int:
+        """Row-steps this request still needs."""
+        return sum(len(self.timesteps) - row.position for row in self.rows)
 
 
 @dataclass(eq=False)
@@ -174,21 +97,24 @@ class _Row:
     index: int
     rng: np.random.Generator | None    # per-row noise stream (η > 0 only)
     position: int = 0                  # index into request.timesteps
+    started: bool = False              # has had a step (its queue wait is recorded)
 
 
-class ContinuousDdimSampler:
+class ContinuousDdimSampler(WorkerLoop[list[_Row]]):
     """DDIM sampling with step-level continuous batching over one blocking denoiser.
 
     `run_denoise(x_t (B,C,H,W) float32, t (B,) int64, cond (B,M) float32) -> eps (B,C,H,W)` is called
-    from one dedicated worker thread, once per loop step, with every active row (≤ max_batch_size).
+    from one dedicated worker thread, once per loop step, with the rows picked for it (B ≤
+    max_batch_size). At most `max_rows` rows wait or run at once (an idle sampler takes any size).
     """
 
     def __init__(self, spec: SamplerSpec, run_denoise: DenoiseFn, *, max_batch_size: int,
-                 model: str, version: str) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+                 model: str, version: str, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        if max_batch_size < 1 or max_rows < 1:
+            raise ValueError(f"max_batch_size and max_rows must be >= 1; got {max_batch_size}, {max_rows}")
         if spec.image_shape is None or len(spec.image_shape) != 3:
             raise ValueError(f"sampler.image_shape must be (C, H, W); got {spec.image_shape!r}")
+        super().__init__(f"ddim-{model}-{version}")
         self.spec = spec
         self.betas, self.alphas_cumprod = schedule_from_spec(spec)
         self.image_shape = tuple(int(s) for s in spec.image_shape)
@@ -196,49 +122,20 @@ class ContinuousDdimSampler:
         self.max_batch_size = max_batch_size
         self.model, self.version = model, version
         self._run_denoise = run_denoise
-        self._waiting: deque[_Row] = deque()
-        self._active: list[_Row] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._closing = False
+        self.max_rows = max_rows
+        self.mean_step_s: float | None = None  # moving mean of a loop step's time, once measured
+        self._requests: list[_Request] = []  # admitted and not over, in arrival order
+        self._cursor = 0  # round-robin: where the next step starts handing out slots
         self._m_active = DIFFUSION_ACTIVE.labels(model, version)
         self._m_step_batch = DIFFUSION_STEP_BATCH.labels(model, version)
         self._m_compute = COMPUTE_DURATION.labels(model, version, OP)
         self._m_queue_wait = QUEUE_WAIT.labels(model, version, OP)
         self._m_queue_depth = QUEUE_DEPTH.labels(model, version, OP)
 
-    # -------------------------------------------------------------------------------- lifecycle
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closing
-
-    async def start(self) -> None:
-        """Start the worker thread and the sampling loop."""
-        if self._task is not None:
-            raise RuntimeError("ContinuousDdimSampler.start() called twice")
-        self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ddim-{self.model}")
-        self._task = asyncio.create_task(self._loop(), name=f"ddim-sampler-{self.model}-{self.version}")
-
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to `drain_timeout` s, then cancel the rest."""
-        self._closing = True
-        self._wake.set()
-        task, self._task = self._task, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), drain_timeout)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._fail_all(SamplerStopped(f"sampler for {self.model}/{self.version} stopped"))
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            # Wait for an in-flight denoiser call off the event loop, then release the thread.
-            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+        stopped = f"sampler for {self.model}/{self.version} stopped"
+        await self._shut_down(lambda: SamplerStopped(stopped), drain_timeout=drain_timeout)
 
     # ---------------------------------------------------------------------------------- requests
 
@@ -254,30 +151,21 @@ class ContinuousDdimSampler:
         """
         if not self.running:
             raise SamplerStopped(f"sampler for {self.model}/{self.version} is not running")
-        loop = asyncio.get_running_loop()
         request = self._make_request(num_samples, steps, eta, condition, seed, deadline, x_T)
-        if deadline is not None and deadline <= loop.time():
+        if deadline is not None and deadline <= request.arrived:
             raise DeadlineExceeded("deadline passed before sampling started", field="deadline")
+        self._check_admission(num_samples, steps, deadline, request.arrived)
         rng = np.random.default_rng(seed)
         if x_T is None:
             request.x[...] = rng.standard_normal(request.x.shape, dtype=np.float32)
         children = rng.spawn(num_samples) if eta > 0 else [None] * num_samples
-        self._waiting.extend(_Row(request, i, children[i]) for i in range(num_samples))
-        self._m_queue_depth.set(len(self._waiting))
-        self._wake.set()
-        try:
-            if deadline is None:
-                return await asyncio.shield(request.future)
-            return await asyncio.wait_for(asyncio.shield(request.future), deadline - loop.time())
-        except TimeoutError:
-            request.future.cancel()
-            self._wake.set()
-            raise DeadlineExceeded(f"sampling {num_samples} × {steps} steps did not finish within the "
-                                   f"request deadline", field="deadline") from None
-        except asyncio.CancelledError:
-            request.future.cancel()  # the client went away: its rows leave at the next step
-            self._wake.set()
-            raise
+        request.rows = [_Row(request, i, children[i]) for i in range(num_samples)]
+        self._requests.append(request)
+        self._publish_gauges()
+        self._wake_up()
+        late = f"sampling {num_samples} × {steps} steps did not finish within the request deadline"
+        (images,) = await self._wait_for_results([request.future], deadline, late)
+        return images
 
     def _make_request(self, num_samples: int, steps: int, eta: float, condition: np.ndarray | None,
                       seed: int, deadline: float | None, x_T: np.ndarray | None) -> _Request:
@@ -310,66 +198,121 @@ class ContinuousDdimSampler:
                 raise bad("x_T", f"must have shape {shape}; got {x.shape}", list(shape))
         loop = asyncio.get_running_loop()
         return _Request(x=x, condition=condition, timesteps=ddim_timesteps(len(self.alphas_cumprod), steps),
-                        eta=float(eta), deadline=deadline, future=loop.create_future(),
-                        arrived=loop.time(), rows_left=num_samples)
+                        eta=float(eta), deadline=deadline, future=loop.create_future(), arrived=loop.time())
+
+    # ------------------------------------------------------------------------------- admission
+
+    def rows_held(self) -> int:
+        """Sample rows waiting or running now."""
+        return sum(len(request.rows) for request in self._requests if not request.over)
+
+    def drain_estimate_s(self) -> float:
+        """Seconds until the work admitted now is done, at full batches (1 s before a step is measured)."""
+        if self.mean_step_s is None:
+            return 1.0
+        steps_left = sum(request.steps_left() for request in self._requests if not request.over)
+        return math.ceil(steps_left / self.max_batch_size) * self.mean_step_s
+
+    def estimated_steps(self, num_samples: int, steps: int) -> int:
+        """Loop steps a new request would need at its fair share of the present load (a new request
+        comes last, so it gets the smallest share); with more requests than slots one slot every
+        ceil(requests / slots) steps."""
+        wants = [len(request.rows) for request in self._requests if not request.over] + [num_samples]
+        share = fair_shares(wants, self.max_batch_size)[-1]
+        if share == 0:
+            return steps * num_samples * math.ceil(len(wants) / self.max_batch_size)
+        return steps * math.ceil(num_samples / share)
+
+    def _check_admission(self, num_samples: int, steps: int, deadline: float | None, now: float) -> None:
+        """429 over `max_rows` or when the deadline cannot be met at this load; 504 when not even alone."""
+        labels = (self.model, self.version, OP)
+        held = self.rows_held()
+        if held and held + num_samples > self.max_rows:
+            raise shed(f"the sampler holds {held} sample rows; {num_samples} more do not fit",
+                       reason="sampler_full", field="num_samples", limit=self.max_rows,
+                       retry_after_s=self.drain_estimate_s(), labels=labels)
+        if deadline is None or self.mean_step_s is None:
+            return  # no evidence yet: admit; the deadline cut-off bounds the work
+        remaining = deadline - now
+        alone_s = steps * math.ceil(num_samples / self.max_batch_size) * self.mean_step_s
+        shared_s = self.estimated_steps(num_samples, steps) * self.mean_step_s
+        if shared_s <= remaining:
+            return
+        message = (f"{num_samples} samples × {steps} steps need about {max(alone_s, shared_s):.2f} s "
+                   f"({alone_s:.2f} s alone); the deadline is {remaining:.2f} s away")
+        if alone_s > remaining:
+            count_rejection("deadline_unreachable", labels)
+            raise DeadlineExceeded(message, field="deadline", limit=round(remaining, 3), code="deadline_unreachable")
+        raise shed(message, reason="deadline_unreachable", field="deadline", limit=round(remaining, 3),
+                   retry_after_s=self.drain_estimate_s(), labels=labels)
 
     # ------------------------------------------------------------------------------------ loop
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._drop_finished_requests(loop.time())
-            self._admit(loop.time())
-            if not self._active:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._step(loop)
+    def _next_batch(self, now: float) -> tuple[list[_Row] | None, float | None]:
+        """The rows of the next step, after dropping the requests that are over."""
+        self._drop_finished_requests(now)
+        rows = self._pick_rows()
+        for row in rows:
+            if not row.started:
+                row.started = True
+                self._m_queue_wait.observe(now - row.request.arrived)
+        self._publish_gauges()
+        return (rows or None), None
 
     def _drop_finished_requests(self, now: float) -> None:
-        """Fail requests whose deadline has passed; remove the rows of every request that is over."""
-        for row in [*self._active, *self._waiting]:
-            request = row.request
-            if not request.over and request.deadline is not None and request.deadline <= now:
-                request.future.set_exception(DeadlineExceeded(
-                    "sampling did not finish within the request deadline", field="deadline"))
-        self._active = [r for r in self._active if not r.request.over]
-        if any(r.request.over for r in self._waiting):
-            self._waiting = deque(r for r in self._waiting if not r.request.over)
-        self._publish_gauges()
+        """Fail requests whose deadline has passed; forget every request that is over."""
+        for request in self._requests:
+            settle_if_expired(request.future, request.deadline, now,
+                              "sampling did not finish within the request deadline")
+        if any(request.over for request in self._requests):
+            self._requests = [request for request in self._requests if not request.over]
 
-    def _admit(self, now: float) -> None:
-        while self._waiting and len(self._active) < self.max_batch_size:
-            row = self._waiting.popleft()
-            self._m_queue_wait.observe(now - row.request.arrived)
-            self._active.append(row)
-        self._publish_gauges()
+    def _pick_rows(self) -> list[_Row]:
+        """Up to `max_batch_size` rows, fair shares per request handed out round-robin from the cursor,
+        returned in arrival order (the most advanced rows of each request first)."""
+        count = len(self._requests)
+        if not count:
+            return []
+        start = self._cursor % count
+        order = self._requests[start:] + self._requests[:start]
+        shares = fair_shares([len(request.rows) for request in order], self.max_batch_size)
+        served = sum(1 for share in shares if share)
+        self._cursor = start + (served if served < count else 1)  # the unserved (or the next) go first
+        share_of = dict(zip(order, shares, strict=True))
+        return [row for request in self._requests for row in request.rows[: share_of[request]]]
 
     def _publish_gauges(self) -> None:
-        self._m_active.set(len(self._active))
-        self._m_queue_depth.set(len(self._waiting))
+        rows = [row for request in self._requests if not request.over for row in request.rows]
+        started = sum(1 for row in rows if row.started)
+        self._m_active.set(started)
+        self._m_queue_depth.set(len(rows) - started)
 
-    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
-        rows = list(self._active)
+    async def _execute(self, batch: list[_Row]) -> None:
+        """One denoiser call for every row in `batch`, then one DDIM step per row at its own timestep."""
+        rows = batch
         x = np.stack([r.request.x[r.index] for r in rows])
         t = np.array([r.request.timesteps[r.position] for r in rows], dtype=np.int64)
         cond = np.stack([r.request.condition[r.index] for r in rows])
         started = time.perf_counter()
         try:
-            eps = await loop.run_in_executor(self._executor, self._run_denoise, x, t, cond)
-            eps = np.asarray(eps, dtype=np.float32)
+            eps = np.asarray(await self._in_worker(self._run_denoise, x, t, cond), dtype=np.float32)
             if eps.shape != x.shape:
                 raise RuntimeError(f"denoise returned shape {eps.shape}; expected {x.shape}")
         except Exception as exc:  # the engine failed: every request in this batch fails with it
             log.exception("%s/%s denoise: step batch of %d failed", self.model, self.version, len(rows))
             error = exc if isinstance(exc, ServiceError) else EngineError(f"denoise failed: {exc}")
-            self._fail_rows(rows, error, loop.time())
+            fail_unanswered((row.request.future for row in rows), lambda: error)
+            self._drop_finished_requests(asyncio.get_running_loop().time())
             return
         self._m_compute.observe(time.perf_counter() - started)
         self._m_step_batch.observe(len(rows))
+        self._advance(rows, self._ddim_step(rows, x, t, eps))
+        elapsed = time.perf_counter() - started  # the whole step: the moving mean for admission
+        mean = self.mean_step_s
+        self.mean_step_s = elapsed if mean is None else mean + STEP_TIME_SMOOTHING * (elapsed - mean)
 
+    def _ddim_step(self, rows: list[_Row], x: np.ndarray, t: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """x at each row's next timestep (ᾱ_prev = 1 past the last), with its own η and noise stream."""
         num_t = len(self.alphas_cumprod)
         alpha_bar = self.alphas_cumprod[t]
         t_prev = t - np.array([num_t // len(r.request.timesteps) for r in rows], dtype=np.int64)
@@ -381,34 +324,26 @@ class ContinuousDdimSampler:
             for i, row in enumerate(rows):
                 if row.rng is not None:
                     noise[i] = row.rng.standard_normal(self.image_shape, dtype=np.float32)
-        x_prev = ddim_step(x, eps, alpha_bar, alpha_bar_prev.astype(np.float32), eta, noise,
-                           self.spec.clip_denoised)
+        return ddim_step(x, eps, alpha_bar, alpha_bar_prev.astype(np.float32), eta, noise,
+                         self.spec.clip_denoised)
 
-        still_active: list[_Row] = []
+    def _advance(self, rows: list[_Row], x_prev: np.ndarray) -> None:
+        """Store each row's new x; rows past their last step leave, the last one completing its request."""
+        stepped: dict[_Request, None] = {}  # requests with a row in this step, in order
         for i, row in enumerate(rows):
             request = row.request
             if request.over:
                 continue
             request.x[row.index] = x_prev[i]
             row.position += 1
-            if row.position < len(request.timesteps):
-                still_active.append(row)
-                continue
-            request.rows_left -= 1
-            if request.rows_left == 0:
+            stepped[request] = None
+        for request in stepped:
+            request.rows = [row for row in request.rows if row.position < len(request.timesteps)]
+            if not request.rows:
                 request.future.set_result(request.x)
-        self._active = still_active
         self._publish_gauges()
 
-    def _fail_rows(self, rows: list[_Row], exc: BaseException, now: float) -> None:
-        for row in rows:
-            if not row.request.over:
-                row.request.future.set_exception(exc)
-        self._drop_finished_requests(now)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for row in [*self._active, *self._waiting]:
-            if not row.request.over:
-                row.request.future.set_exception(exc)
-        self._active, self._waiting = [], deque()
+    def _fail_waiting(self, error: ErrorFactory) -> None:
+        fail_unanswered((request.future for request in self._requests), error)
+        self._requests = []
         self._publish_gauges()

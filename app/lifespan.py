@@ -15,7 +15,9 @@ from contextlib import asynccontextmanager
 import numpy as np
 from fastapi import FastAPI
 
+from app.admission import Admission, ItemBudget
 from app.batcher import Engine
+from app.diffusion import ContinuousDdimSampler
 from app.metrics import MODEL_LOAD_SECONDS, MODEL_READY
 from app.schemas.manifest import OpSpec, TensorSpec
 from app.settings import Settings
@@ -41,7 +43,10 @@ def warmup_batch_sizes(max_batch: int) -> list[int]:
 
 
 def shape_buckets(record: ModelRecord, op: OpSpec) -> list[tuple[int, int] | None]:
-    """The (H, W) sizes an op with an image input is run at: its fixed size, else input_size + buckets."""
+    """The (H, W) sizes an op with an image input is warmed at (None: it has no image input).
+
+    Its fixed size, else the preprocessing `input_size` plus the op's `shape_buckets`, else `min_hw`.
+    """
     assert record.manifest is not None
     images = [s for s in op.inputs if len(s.shape) == 4]
     if not images:
@@ -57,7 +62,10 @@ def shape_buckets(record: ModelRecord, op: OpSpec) -> list[tuple[int, int] | Non
 
 
 def dummy_inputs(specs: list[TensorSpec], batch: int, hw: tuple[int, int] | None) -> dict[str, np.ndarray]:
-    """Inputs of the given batch size for warm-up: images filled with 0.5, integers with 0."""
+    """Warm-up inputs of `batch` items: floats filled with 0.5, integers with 0.
+
+    Dynamic H and W of (C, H, W) inputs come from `hw`; any other dynamic axis is 1.
+    """
     arrays = {}
     for spec in specs:
         shape = list(spec.shape[1:])
@@ -71,7 +79,8 @@ def dummy_inputs(specs: list[TensorSpec], batch: int, hw: tuple[int, int] | None
 
 
 def warm_up(record: ModelRecord, settings: Settings) -> int:
-    """Run every op at every shape bucket x batch size once (blocking); returns the number of runs.
+    """Run every op at every shape bucket x batch size once, and the saliency gradient once per bucket
+    (blocking); returns the number of runs.
 
     Batch sizes grow until one run takes longer than `warmup_max_run_s`: past that, the first-call
     overhead a warm-up removes is small beside the run itself (a 4D-STEM reconstruction costs ~44 GMAC
@@ -101,7 +110,10 @@ def warm_up(record: ModelRecord, settings: Settings) -> int:
     return runs
 
 
-def build_engine(record: ModelRecord, settings: Settings) -> Engine:
+def build_engine(record: ModelRecord, settings: Settings, budget: ItemBudget | None = None) -> Engine:
+    """The batching engine of a loaded model: one queue family per op, plus the saliency op if loaded.
+
+    `budget` is the items budget shared by every engine of the service."""
     assert record.manifest is not None and record.version is not None
     engine = Engine(
         record.name,
@@ -110,6 +122,8 @@ def build_engine(record: ModelRecord, settings: Settings) -> Engine:
         max_delay_s=settings.max_delay_ms / 1000.0,
         max_queue_items=settings.max_queue_items,
         idle_start=settings.idle_start,
+        budget=budget,
+        max_queues=settings.max_queues_per_model,
     )
     for op_name, runtime in record.runtimes.items():
         op = record.op(op_name)
@@ -127,10 +141,8 @@ def build_engine(record: ModelRecord, settings: Settings) -> Engine:
     return engine
 
 
-def build_sampler(record: ModelRecord, settings: Settings):
+def build_sampler(record: ModelRecord, settings: Settings) -> ContinuousDdimSampler:
     """The ddim sampler of a diffusion model, driving its `denoise` op."""
-    from app.diffusion import ContinuousDdimSampler  # the diffusion module is optional at import time
-
     assert record.manifest is not None and record.manifest.sampler is not None
     runtime = record.runtimes.get("denoise")
     if runtime is None:
@@ -149,17 +161,18 @@ def build_sampler(record: ModelRecord, settings: Settings):
         max_batch_size=max_batch,
         model=record.name,
         version=record.version or "",
+        max_rows=settings.max_sampler_rows,
     )
 
 
-async def start_model(record: ModelRecord, settings: Settings) -> None:
+async def start_model(record: ModelRecord, settings: Settings, budget: ItemBudget | None = None) -> None:
     """Warm up and start one loaded model; failures make it unavailable (or raise under strict)."""
     started = time.perf_counter()
     try:
         if settings.warmup:
             runs = await asyncio.to_thread(warm_up, record, settings)
             log.info("%s/%s warmed up with %d runs", record.name, record.version, runs)
-        record.engine = build_engine(record, settings)
+        record.engine = build_engine(record, settings, budget)
         await record.engine.start()
         sampler = record.manifest.sampler if record.manifest else None
         if sampler is not None and sampler.kind == "ddim":
@@ -177,6 +190,7 @@ async def start_model(record: ModelRecord, settings: Settings) -> None:
 
 
 async def stop_model(record: ModelRecord) -> None:
+    """Stop the sampler, then drain and stop the engine; the model is no longer ready."""
     if record.sampler is not None:
         try:
             await record.sampler.stop()
@@ -192,10 +206,13 @@ async def stop_model(record: ModelRecord) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load and start every selected model in turn, serve, then stop them all."""
     settings: Settings = app.state.settings
     registry = ModelRegistry()
     app.state.models = registry
     app.state.ready = False
+    app.state.admission = Admission(settings.max_inflight_requests)  # routes: a slot before the body
+    budget = app.state.queue_budget = ItemBudget(settings.max_queued_items_total)
     try:
         selected = settings.model_filter()
         for record in scan_store(settings.store):
@@ -208,7 +225,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.to_thread(load_model, record, settings)
             record.load_seconds = time.perf_counter() - started
             if record.state != "unavailable":
-                await start_model(record, settings)
+                await start_model(record, settings, budget)
             if record.state == "unavailable" and settings.strict:
                 raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
         app.state.ready = True

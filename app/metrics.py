@@ -1,7 +1,10 @@
 """Every Prometheus metric of the service, declared once (one prefix, bounded labels).
 
-Labels: model, version, op, status, reason only. `op` is one of the manifest op names or a
-service capability; `reason` comes from `app.errors` (a closed set), never from free text.
+Labels: model, version, op, status, reason only. `op` is a manifest op name (engine queues; the
+diffusion sampler uses `denoise`), the engine's `saliency` queue, a route's capability, or empty;
+`reason` comes from `app.errors` (a closed set), never from free text; the `reason` of
+`aeserve_rejections_total` from `app.admission.REJECTION_REASONS` (also closed). For the diffusion
+sampler an "item" of the queue metrics is one sample row and a "batch" one denoiser step.
 """
 
 from __future__ import annotations
@@ -56,4 +59,16 @@ DIFFUSION_ACTIVE = Gauge(
 DIFFUSION_STEP_BATCH = Histogram(
     "aeserve_diffusion_step_batch_size", "Samples denoised together in one sampler step.",
     ["model", "version"], buckets=_BATCH_BUCKETS, registry=REGISTRY,
+)
+REJECTIONS = Counter(
+    "aeserve_rejections", "Work shed before it ran, by reason (closed set: app.admission.REJECTION_REASONS).",
+    ["model", "version", "op", "reason"], registry=REGISTRY,
+)
+INFLIGHT_REQUESTS = Gauge(
+    "aeserve_inflight_requests", "Requests holding an admission slot (app.admission.Admission).",
+    registry=REGISTRY,
+)
+QUEUED_ITEMS_ALL = Gauge(
+    "aeserve_queued_items_all", "Items waiting in every engine queue together (the shared budget).",
+    registry=REGISTRY,
 )

@@ -1,4 +1,4 @@
-"""app.batcher.Engine: flush at size / at delay / when idle, splitting, order, 429, 504, cancellation."""
+"""app.batcher.Engine: flush at size / at delay / when idle, splitting, order, 429, 504, cancellation, stop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.batcher import Engine, run_batch, split_sizes
-from app.errors import DeadlineExceeded, EngineError, QueueFull
+from app.errors import DeadlineExceeded, EngineError, QueueFull, ShuttingDown, status_and_reason
 
 
 class Recorder:
@@ -275,3 +275,29 @@ def test_stop_drains_queued_work():
         return [p.result()["y"].shape[0] for p in pending]
 
     assert asyncio.run(scenario()) == [2, 2, 2]
+
+
+def test_stop_without_drain_fails_queued_work_and_refuses_new_work():
+    async def scenario():
+        run = Recorder()
+        run.gate.clear()
+        engine = make_engine(run, max_batch=2)
+        await engine.start()
+        running = asyncio.ensure_future(engine.submit("op", frames(1)))
+        while not run.running.is_set():
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(engine.submit("op", frames(2, 10)))
+        await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(engine.stop(drain=False))
+        await asyncio.sleep(0.01)
+        run.gate.set()  # the batch in flight still finishes
+        await stopping
+        with pytest.raises(ShuttingDown):
+            await engine.submit("op", frames(1))
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        return run.batches, results, engine.queued_items()
+
+    batches, (done, failed), left = asyncio.run(scenario())
+    assert batches == [1] and left == 0
+    assert done["y"].shape == (1, 1)
+    assert isinstance(failed, ShuttingDown) and status_and_reason(failed) == (503, "shutting_down")

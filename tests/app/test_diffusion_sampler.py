@@ -4,143 +4,18 @@ mid-loop, deadlines, shutdown, metrics, and the continuous-batching speed-up."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from app.diffusion import (
-    ContinuousDdimSampler,
-    InvalidSampleRequest,
-    SamplerStopped,
-    ddim_timesteps,
-    schedule_from_spec,
-)
+from app.ddim import ddim_timesteps, schedule_from_spec
+from app.diffusion import ContinuousDdimSampler, InvalidSampleRequest, SamplerStopped
 from app.errors import DeadlineExceeded, EngineError, status_and_reason
 from app.metrics import REGISTRY
-from app.schemas.manifest import SamplerSpec
+from tests.app.diffusion_toys import CASE, FAMILY, RecordingDenoiser, request_args, sample_alone, toy_eps, toy_spec
 from tests.conftest import fixture_dir
-
-FAMILY = "diffusion-decoder"
-CASE = "unet_img32_b32_m1-2_att1_ddim10"
-
-LINEAR = {
-    "kind": "ddim",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 1e-4,
-    "beta_end": 0.02,
-}
-
-
-def _spec(image_shape: tuple[int, int, int] = (1, 8, 8), condition_dim: int = 2, **kw: Any) -> SamplerSpec:
-    return SamplerSpec(**{**LINEAR, "image_shape": list(image_shape), "condition_dim": condition_dim, **kw})
-
-
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(coro)
-
-
-def _toy_eps(x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
-    """A row-wise deterministic ε with only correctly rounded ops (results independent of batching)."""
-    scale = (t.astype(np.float32) / np.float32(1000.0) + np.float32(0.5))[:, None, None, None]
-    shift = (cond.sum(axis=1) * np.float32(0.1))[:, None, None, None]
-    return (x / (np.float32(1.0) + x * x) * scale + shift).astype(np.float32)
-
-
-class RecordingDenoiser:
-    """Wraps an ε function; records (t, batch size, thread) per call; optional fixed delay."""
-
-    def __init__(self, fn: Callable[..., np.ndarray] = _toy_eps, delay: float = 0.0) -> None:
-        self.fn, self.delay = fn, delay
-        self.calls: list[np.ndarray] = []
-        self.threads: set[int] = set()
-
-    def __call__(self, x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
-        assert x.dtype == np.float32 and t.dtype == np.int64 and cond.dtype == np.float32
-        assert x.shape[0] == t.shape[0] == cond.shape[0]
-        self.threads.add(threading.get_ident())
-        self.calls.append(t.copy())
-        if self.delay:
-            time.sleep(self.delay)
-        return self.fn(x, t, cond)
-
-
-async def _alone(spec: SamplerSpec, **request: Any) -> np.ndarray:
-    sampler = ContinuousDdimSampler(spec, RecordingDenoiser(), max_batch_size=8, model="toy", version="1")
-    await sampler.start()
-    try:
-        return await sampler.sample(**request)
-    finally:
-        await sampler.stop()
-
-
-def _request(n: int, steps: int, eta: float, seed: int, m: int = 2) -> dict[str, Any]:
-    cond = np.linspace(-1, 1, n * m, dtype=np.float32).reshape(n, m) + seed
-    return {"num_samples": n, "steps": steps, "eta": eta, "condition": cond, "seed": seed, "deadline": None}
-
-
-# ------------------------------------------------------------------------------------ schedule
-
-
-def test_schedule_matches_the_original_bit_for_bit() -> None:
-    io = load_file(fixture_dir(FAMILY) / f"{CASE}.io.safetensors")
-    betas, alphas_cumprod = schedule_from_spec(_spec())
-    np.testing.assert_array_equal(betas, io["schedule.betas"])
-    np.testing.assert_array_equal(alphas_cumprod, io["schedule.alphas_cumprod"])
-
-
-def test_schedule_known_answers() -> None:
-    betas, alphas_cumprod = schedule_from_spec(_spec())
-    known = {
-        0: (0.999899983, 9.99999975e-05),
-        1: (0.999780059, 0.000119919918),
-        99: (0.897017956, 0.00207207212),
-        249: (0.524085343, 0.00506005995),
-        499: (0.078587234, 0.0100400401),
-        980: (5.90375203e-05, 0.0196215212),
-        999: (4.03583035e-05, 0.0199999996),
-    }
-    for t, (alpha_bar, beta) in known.items():
-        assert alphas_cumprod[t] == pytest.approx(alpha_bar, rel=1e-7)
-        assert betas[t] == pytest.approx(beta, rel=1e-7)
-
-
-def test_cosine_schedule_matches_training_schedules() -> None:
-    pytest.importorskip("torch")
-    schedules = pytest.importorskip("training.schedules")
-    ref = schedules.make_schedule(1000, "cosine")
-    betas, alphas_cumprod = schedule_from_spec(_spec(beta_schedule="cosine"))
-    np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=0, atol=1e-7)
-    np.testing.assert_allclose(alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6, atol=0)
-    assert betas.min() >= np.float32(1e-4) and betas.max() <= np.float32(0.9999)
-
-
-def test_leading_timesteps() -> None:
-    assert ddim_timesteps(1000, 10).tolist() == list(range(900, -1, -100))
-    assert ddim_timesteps(1000, 20).tolist()[:3] == [950, 900, 850]
-    fifty = ddim_timesteps(1000, 50)
-    assert len(fifty) == 50 and fifty[0] == 980 and fifty[-1] == 0
-    assert ddim_timesteps(1000, 3).tolist() == [666, 333, 0]  # diffusers: exactly S steps
-    assert ddim_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
-    with pytest.raises(ValueError, match="steps"):
-        ddim_timesteps(1000, 0)
-
-
-def test_bad_specs_are_rejected_with_the_option_named() -> None:
-    with pytest.raises(ValueError, match="kind"):
-        schedule_from_spec(SamplerSpec(kind="prior_gaussian", latent_dim=4))
-    with pytest.raises(ValueError, match="beta_start"):
-        schedule_from_spec(_spec(beta_start=None))
-    with pytest.raises(ValueError, match="num_train_timesteps"):
-        schedule_from_spec(_spec(num_train_timesteps=None))
-    with pytest.raises(ValueError, match="image_shape"):
-        ContinuousDdimSampler(SamplerSpec(**LINEAR), _toy_eps, max_batch_size=4, model="m", version="1")
-
 
 # ------------------------------------------------------------------------- fixture trajectory
 
@@ -165,7 +40,7 @@ def test_fixture_trajectory_replay(max_batch_size: int) -> None:
             out[i] = recorded_eps[k][row]
         return out
 
-    spec = _spec(image_shape=(3, 32, 32), condition_dim=3, default_steps=10)
+    spec = toy_spec(image_shape=(3, 32, 32), condition_dim=3, default_steps=10)
 
     async def main() -> np.ndarray:
         sampler = ContinuousDdimSampler(spec, replay, max_batch_size=max_batch_size, model="fx", version="1")
@@ -177,7 +52,7 @@ def test_fixture_trajectory_replay(max_batch_size: int) -> None:
         finally:
             await sampler.stop()
 
-    sample = _run(main())
+    sample = asyncio.run(main())
     assert ddim_timesteps(1000, steps).tolist() == timesteps
     assert len(errors) == 2 * steps
     err = float(np.abs(sample - io["output.ddim_sample"]).max())
@@ -192,8 +67,8 @@ def test_fixture_trajectory_replay(max_batch_size: int) -> None:
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_same_seed_same_images_alone_or_mixed(eta: float) -> None:
-    spec = _spec()
-    target = _request(3, 12, eta, seed=11)
+    spec = toy_spec()
+    target = request_args(3, 12, eta, seed=11)
 
     async def mixed() -> tuple[np.ndarray, RecordingDenoiser]:
         denoiser = RecordingDenoiser()
@@ -201,37 +76,37 @@ def test_same_seed_same_images_alone_or_mixed(eta: float) -> None:
         await sampler.start()
         try:
             results = await asyncio.gather(
-                sampler.sample(**_request(2, 7, 0.3, seed=1)),
+                sampler.sample(**request_args(2, 7, 0.3, seed=1)),
                 sampler.sample(**target),
-                sampler.sample(**_request(4, 20, eta, seed=2)),
+                sampler.sample(**request_args(4, 20, eta, seed=2)),
             )
         finally:
             await sampler.stop()
         return results[1], denoiser
 
-    alone = _run(_alone(spec, **target))
-    together, denoiser = _run(mixed())
+    alone = asyncio.run(sample_alone(spec, **target))
+    together, denoiser = asyncio.run(mixed())
     np.testing.assert_array_equal(together, alone)
     assert max(len(t) for t in denoiser.calls) == 4  # the batch was full
     assert any(len(set(t.tolist())) > 1 for t in denoiser.calls)  # rows at different timesteps
     assert len(denoiser.threads) == 1  # one dedicated worker thread
-    other_seed = _run(_alone(spec, **{**target, "seed": 12}))
+    other_seed = asyncio.run(sample_alone(spec, **{**target, "seed": 12}))
     assert not np.allclose(other_seed, alone)
 
 
 def test_rows_of_a_request_do_not_depend_on_its_size() -> None:
-    spec = _spec()
-    three = _run(_alone(spec, **_request(3, 10, 0.5, seed=5)))
-    req = _request(3, 10, 0.5, seed=5)
-    one = _run(_alone(spec, **{**req, "num_samples": 1, "condition": req["condition"][:1]}))
+    spec = toy_spec()
+    three = asyncio.run(sample_alone(spec, **request_args(3, 10, 0.5, seed=5)))
+    req = request_args(3, 10, 0.5, seed=5)
+    one = asyncio.run(sample_alone(spec, **{**req, "num_samples": 1, "condition": req["condition"][:1]}))
     np.testing.assert_array_equal(one[0], three[0])
 
 
 def test_eta_noise_matches_an_independent_float64_loop() -> None:
     """η > 0: x_T and per-row noise come from default_rng(seed) and its spawned children."""
-    spec = _spec()
-    req = _request(2, 8, 0.8, seed=3)
-    got = _run(_alone(spec, **req))
+    spec = toy_spec()
+    req = request_args(2, 8, 0.8, seed=3)
+    got = asyncio.run(sample_alone(spec, **req))
 
     _, alphas_cumprod = schedule_from_spec(spec)
     rng = np.random.default_rng(3)
@@ -240,7 +115,7 @@ def test_eta_noise_matches_an_independent_float64_loop() -> None:
     a_all = alphas_cumprod.astype(np.float64)
     timesteps = list(range(875, -1, -125))
     for k, t in enumerate(timesteps):
-        eps = _toy_eps(x, np.full(2, t, np.int64), req["condition"]).astype(np.float64)
+        eps = toy_eps(x, np.full(2, t, np.int64), req["condition"]).astype(np.float64)
         a = a_all[t]
         a_prev = a_all[timesteps[k + 1]] if k + 1 < len(timesteps) else 1.0
         x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1, 1)
@@ -252,8 +127,8 @@ def test_eta_noise_matches_an_independent_float64_loop() -> None:
 
 
 def test_request_joining_mid_loop_finishes_correctly() -> None:
-    spec = _spec()
-    first, late = _request(1, 50, 0.0, seed=1), _request(2, 20, 0.0, seed=2)
+    spec = toy_spec()
+    first, late = request_args(1, 50, 0.0, seed=1), request_args(2, 20, 0.0, seed=2)
 
     async def main() -> tuple[np.ndarray, np.ndarray, RecordingDenoiser]:
         denoiser = RecordingDenoiser(delay=0.002)
@@ -269,9 +144,9 @@ def test_request_joining_mid_loop_finishes_correctly() -> None:
         finally:
             await sampler.stop()
 
-    a, b, denoiser = _run(main())
-    np.testing.assert_array_equal(a, _run(_alone(spec, **first)))
-    np.testing.assert_array_equal(b, _run(_alone(spec, **late)))
+    a, b, denoiser = asyncio.run(main())
+    np.testing.assert_array_equal(a, asyncio.run(sample_alone(spec, **first)))
+    np.testing.assert_array_equal(b, asyncio.run(sample_alone(spec, **late)))
     assert len(denoiser.calls) == 50  # the late request rode along: no extra denoiser calls
     shared = [t for t in denoiser.calls if len(t) == 3]
     assert len(shared) == 20
@@ -280,8 +155,8 @@ def test_request_joining_mid_loop_finishes_correctly() -> None:
 
 
 def test_overflow_rows_wait_for_a_slot() -> None:
-    spec = _spec()
-    req = _request(5, 6, 0.0, seed=9)
+    spec = toy_spec()
+    req = request_args(5, 6, 0.0, seed=9)
 
     async def main() -> tuple[np.ndarray, RecordingDenoiser]:
         denoiser = RecordingDenoiser()
@@ -292,15 +167,15 @@ def test_overflow_rows_wait_for_a_slot() -> None:
         finally:
             await sampler.stop()
 
-    out, denoiser = _run(main())
+    out, denoiser = asyncio.run(main())
     assert max(len(t) for t in denoiser.calls) == 2
     assert sum(len(t) for t in denoiser.calls) == 5 * 6
-    np.testing.assert_array_equal(out, _run(_alone(spec, **req)))
+    np.testing.assert_array_equal(out, asyncio.run(sample_alone(spec, **req)))
 
 
 def test_concurrent_requests_share_denoiser_calls() -> None:
     """The issue: 8 concurrent 50-step requests must not cost 8× one request."""
-    spec = _spec(image_shape=(1, 16, 16))
+    spec = toy_spec(image_shape=(1, 16, 16))
     kernel = np.full((3, 3), 1 / 9, dtype=np.float32)
 
     def conv_eps(x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
@@ -315,13 +190,13 @@ def test_concurrent_requests_share_denoiser_calls() -> None:
         await sampler.start()
         try:
             started = time.perf_counter()
-            await asyncio.gather(*(sampler.sample(**_request(1, 50, 0.0, seed=s)) for s in range(n_requests)))
+            await asyncio.gather(*(sampler.sample(**request_args(1, 50, 0.0, seed=s)) for s in range(n_requests)))
             return time.perf_counter() - started, len(denoiser.calls)
         finally:
             await sampler.stop()
 
-    one, calls_one = _run(timed(1))
-    eight, calls_eight = _run(timed(8))
+    one, calls_one = asyncio.run(timed(1))
+    eight, calls_eight = asyncio.run(timed(8))
     ratio = eight / one
     print(
         f"1 request: {one * 1e3:.0f} ms ({calls_one} calls); 8 concurrent: {eight * 1e3:.0f} ms "
@@ -335,8 +210,8 @@ def test_concurrent_requests_share_denoiser_calls() -> None:
 
 
 def test_deadline_fails_only_that_request() -> None:
-    spec = _spec()
-    slow, patient = _request(1, 50, 0.0, seed=1), _request(1, 30, 0.0, seed=2)
+    spec = toy_spec()
+    slow, patient = request_args(1, 50, 0.0, seed=1), request_args(1, 30, 0.0, seed=2)
 
     async def main() -> tuple[BaseException | np.ndarray, ...]:
         sampler = ContinuousDdimSampler(
@@ -356,63 +231,63 @@ def test_deadline_fails_only_that_request() -> None:
         finally:
             await sampler.stop()
 
-    late, ok, expired = _run(main())
+    late, ok, expired = asyncio.run(main())
     assert isinstance(late, DeadlineExceeded) and isinstance(expired, DeadlineExceeded)
     assert status_and_reason(late) == (504, "deadline_exceeded")
-    np.testing.assert_array_equal(ok, _run(_alone(spec, **patient)))
+    np.testing.assert_array_equal(ok, asyncio.run(sample_alone(spec, **patient)))
 
 
 def test_denoiser_error_fails_its_batch_and_the_loop_survives() -> None:
-    spec = _spec()
+    spec = toy_spec()
     broken = {"on": True}
 
     def flaky(x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
         if broken["on"] and (t < 500).any():
             raise RuntimeError("engine exploded")
-        return _toy_eps(x, t, cond)
+        return toy_eps(x, t, cond)
 
     async def main() -> tuple[BaseException | None, np.ndarray]:
         sampler = ContinuousDdimSampler(spec, flaky, max_batch_size=8, model="toy", version="1")
         await sampler.start()
         try:
             try:
-                await sampler.sample(**_request(2, 10, 0.0, seed=1))
+                await sampler.sample(**request_args(2, 10, 0.0, seed=1))
                 error = None
             except EngineError as exc:
                 error = exc
             broken["on"] = False
-            return error, await sampler.sample(**_request(2, 10, 0.0, seed=1))
+            return error, await sampler.sample(**request_args(2, 10, 0.0, seed=1))
         finally:
             await sampler.stop()
 
-    error, out = _run(main())
+    error, out = asyncio.run(main())
     assert error is not None and "engine exploded" in str(error)
     assert status_and_reason(error) == (500, "engine_error")
-    np.testing.assert_array_equal(out, _run(_alone(spec, **_request(2, 10, 0.0, seed=1))))
+    np.testing.assert_array_equal(out, asyncio.run(sample_alone(spec, **request_args(2, 10, 0.0, seed=1))))
 
 
 def test_stop_drains_running_requests_then_refuses_new_ones() -> None:
-    spec = _spec()
+    spec = toy_spec()
 
     async def main() -> None:
         sampler = ContinuousDdimSampler(
             spec, RecordingDenoiser(delay=0.002), max_batch_size=8, model="toy", version="1"
         )
         with pytest.raises(SamplerStopped):
-            await sampler.sample(**_request(1, 5, 0.0, seed=1))
+            await sampler.sample(**request_args(1, 5, 0.0, seed=1))
         await sampler.start()
-        running = asyncio.create_task(sampler.sample(**_request(2, 20, 0.0, seed=1)))
+        running = asyncio.create_task(sampler.sample(**request_args(2, 20, 0.0, seed=1)))
         await asyncio.sleep(0.01)
         await sampler.stop()
         assert running.done() and (await running).shape == (2, 1, 8, 8)
         with pytest.raises(SamplerStopped):
-            await sampler.sample(**_request(1, 5, 0.0, seed=1))
+            await sampler.sample(**request_args(1, 5, 0.0, seed=1))
 
         sampler = ContinuousDdimSampler(
             spec, RecordingDenoiser(delay=0.005), max_batch_size=8, model="toy", version="1"
         )
         await sampler.start()
-        running = asyncio.create_task(sampler.sample(**_request(1, 200, 0.0, seed=1)))
+        running = asyncio.create_task(sampler.sample(**request_args(1, 200, 0.0, seed=1)))
         await asyncio.sleep(0.02)
         await sampler.stop(drain_timeout=0.02)
         with pytest.raises(SamplerStopped) as stopped:
@@ -420,41 +295,41 @@ def test_stop_drains_running_requests_then_refuses_new_ones() -> None:
         assert status_and_reason(stopped.value) == (503, "shutting_down")
         assert isinstance(stopped.value, RuntimeError)  # what app.api.sample also catches
 
-    _run(main())
+    asyncio.run(main())
 
 
 def test_cancelled_request_leaves_the_loop() -> None:
-    spec = _spec()
+    spec = toy_spec()
 
     async def main() -> RecordingDenoiser:
         denoiser = RecordingDenoiser(delay=0.002)
         sampler = ContinuousDdimSampler(spec, denoiser, max_batch_size=8, model="toy", version="1")
         await sampler.start()
         try:
-            doomed = asyncio.create_task(sampler.sample(**_request(3, 100, 0.0, seed=1)))
+            doomed = asyncio.create_task(sampler.sample(**request_args(3, 100, 0.0, seed=1)))
             while len(denoiser.calls) < 5:
                 await asyncio.sleep(0.001)
             doomed.cancel()
             await asyncio.gather(doomed, return_exceptions=True)
-            out = await sampler.sample(**_request(1, 10, 0.0, seed=2))
+            out = await sampler.sample(**request_args(1, 10, 0.0, seed=2))
             assert out.shape == (1, 1, 8, 8)
         finally:
             await sampler.stop()
         return denoiser
 
-    denoiser = _run(main())
+    denoiser = asyncio.run(main())
     assert len(denoiser.calls) < 40
     assert all(len(t) == 1 for t in denoiser.calls[-9:])
 
 
 def test_invalid_requests_name_the_argument() -> None:
-    spec = _spec(max_steps=100)
+    spec = toy_spec(max_steps=100)
 
     async def main() -> None:
-        sampler = ContinuousDdimSampler(spec, _toy_eps, max_batch_size=4, model="toy", version="1")
+        sampler = ContinuousDdimSampler(spec, toy_eps, max_batch_size=4, model="toy", version="1")
         await sampler.start()
         try:
-            good = _request(2, 10, 0.0, seed=1)
+            good = request_args(2, 10, 0.0, seed=1)
             for bad, word in [
                 ({"steps": 0}, "steps"),
                 ({"steps": 101}, "steps"),
@@ -472,11 +347,11 @@ def test_invalid_requests_name_the_argument() -> None:
         finally:
             await sampler.stop()
 
-    _run(main())
+    asyncio.run(main())
 
 
 def test_metrics_are_recorded() -> None:
-    spec = _spec()
+    spec = toy_spec()
     labels = {"model": "metrics-toy", "version": "7"}
     op_labels = {**labels, "op": "denoise"}
 
@@ -484,16 +359,16 @@ def test_metrics_are_recorded() -> None:
         return REGISTRY.get_sample_value(name, lab) or 0.0
 
     async def main() -> None:
-        sampler = ContinuousDdimSampler(spec, _toy_eps, max_batch_size=4, model="metrics-toy", version="7")
+        sampler = ContinuousDdimSampler(spec, toy_eps, max_batch_size=4, model="metrics-toy", version="7")
         await sampler.start()
         try:
             await asyncio.gather(
-                sampler.sample(**_request(3, 10, 0.0, seed=1)), sampler.sample(**_request(2, 10, 0.0, seed=2))
+                sampler.sample(**request_args(3, 10, 0.0, seed=1)), sampler.sample(**request_args(2, 10, 0.0, seed=2))
             )
         finally:
             await sampler.stop()
 
-    _run(main())
+    asyncio.run(main())
     assert value("aeserve_compute_duration_seconds_count", op_labels) >= 10
     steps = value("aeserve_diffusion_step_batch_size_count", labels)
     rows = value("aeserve_diffusion_step_batch_size_sum", labels)
