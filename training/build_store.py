@@ -57,7 +57,6 @@ def build_recipe(recipe: Recipe, store: Path, runs: Path, progress: bool = True,
     result = train(config, run_dir, progress=progress, init_state=init)
     model, val, selected = select_weights(result)
     training = {
-        "model": recipe.model,
         "steps": result.step,
         "epochs": result.epochs_completed,
         "stopped": result.stopped,

@@ -18,15 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, default_collate
@@ -40,6 +36,7 @@ from training.checkpoint import (
     restore_rng_state,
 )
 from training.config import TrainConfig
+from training.runtime import StopFlag, amp_dtype, resolve_device, seed_everything
 from training.tasks import Task, build_model, task_for_model
 
 LOG_NAME = "log.json"
@@ -60,33 +57,6 @@ def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
     """Permutation of the training indices for one epoch: a pure function of (seed, epoch)."""
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(length, generator=generator)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu")
-    return device
-
-
-def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """None (fp32), bfloat16 (CPU autocast) or float16 (CUDA autocast + GradScaler)."""
-    mode = config.amp
-    if mode == "off":
-        return None
-    if mode == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 (or auto) on CPU")
-    return torch.float16 if mode == "fp16" else torch.bfloat16
 
 
 def batches_of_epoch(length: int, batch_size: int, order: torch.Tensor) -> list[list[int]]:
@@ -119,32 +89,6 @@ class RunResult:
     wall_s: float
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     model: nn.Module | None = None
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM -> stop at the next step boundary with a checkpoint (main thread only)."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
-            pass
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.reason is not None:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.reason = "interrupted"
 
 
 class Trainer:
@@ -313,92 +257,23 @@ class Trainer:
         started = time.monotonic()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.history["events"].append(
-            {
-                "event": "start",
-                "step": self.step,
-                "epoch": self.epoch,
-                "target_epochs": config.epochs,
-                "time": time.time(),
-            }
+            {"event": "start", "step": self.step, "epoch": self.epoch, "target_epochs": config.epochs,
+             "time": time.time()}
         )
         stopped = "done"
         steps_per_epoch = self.steps_per_epoch()
         final_val: dict[str, float] = {}
-        with _StopFlag().installed() as stop_flag:
+        with StopFlag().installed() as stop_flag:
             while self.epoch < config.epochs and stopped == "done":
-                if hasattr(self.train_set, "set_epoch"):
-                    self.train_set.set_epoch(self.epoch)
-                order = epoch_order(len(self.train_set), config.seed, self.epoch)
-                batches = batches_of_epoch(len(self.train_set), config.batch_size, order)
-                bar = tqdm(
-                    total=steps_per_epoch,
-                    initial=self.position,
-                    disable=not self.progress,
-                    desc=f"{config.model} epoch {self.epoch + 1}/{config.epochs}",
-                    unit="step",
-                    dynamic_ncols=True,
-                    leave=False,
-                )
-                train_sum, train_count = 0.0, 0
-                for record in self.history["steps"]:
-                    if record["epoch"] == self.epoch + 1:
-                        train_sum += record["loss"]
-                        train_count += 1
-                while self.position < steps_per_epoch:
-                    if stop_flag.reason is not None:
-                        stopped = stop_flag.reason
-                        break
-                    if config.time_budget_s and time.monotonic() - started >= config.time_budget_s:
-                        stopped = "time_budget"
-                        break
-                    first = self.position * config.grad_accum
-                    values = self._train_step(batches[first : first + config.grad_accum])
-                    self.step += 1
-                    self.position += 1
-                    train_sum += values["loss"]
-                    train_count += 1
-                    if self.step % config.log_every == 0 or self.position == steps_per_epoch:
-                        self.history["steps"].append({"step": self.step, "epoch": self.epoch + 1, **values})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2g}")
-                bar.close()
+                stopped, train_loss = self._train_epoch(steps_per_epoch, stop_flag, started)
                 if stopped != "done":
                     self.history["events"].append(
-                        {
-                            "event": stopped,
-                            "step": self.step,
-                            "epoch": self.epoch,
-                            "position": self.position,
-                            "time": time.time(),
-                        }
+                        {"event": stopped, "step": self.step, "epoch": self.epoch, "position": self.position,
+                         "time": time.time()}
                     )
                     self.ckpt.save_latest(self.state())
                     break
-                val = self.validate()
-                self.epoch += 1
-                self.position = 0
-                is_best = val["loss"] < self.best_val_loss
-                self.best_val_loss = min(self.best_val_loss, val["loss"])
-                self.history["epochs"].append(
-                    {
-                        "epoch": self.epoch,
-                        "step": self.step,
-                        "train_loss": train_sum / max(train_count, 1),
-                        "val_loss": val["loss"],
-                        "val": val,
-                        "lr": lr_at(max(self.step - 1, 0), config),
-                        "elapsed_s": time.monotonic() - started,
-                    }
-                )
-                final_val = val
-                self.ckpt.save_epoch(self.state(), self.epoch, is_best, keep=config.keep_epoch_checkpoints)
-                self.write_log()
-                if self.progress:
-                    shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
-                    tqdm.write(
-                        f"{config.model} epoch {self.epoch}/{config.epochs}: train loss "
-                        f"{train_sum / max(train_count, 1):.4g}, val {shown}"
-                    )
+                final_val = self._end_epoch(train_loss, started)
         if stopped != "done" or not final_val:
             final_val = self.validate()
         self.history["events"].append(
@@ -420,6 +295,73 @@ class Trainer:
             history=self.history,
             model=self.model,
         )
+
+    def _epoch_batches(self) -> list[list[int]]:
+        """The batches of the current epoch (data sets with `set_epoch` are told the epoch first)."""
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(self.epoch)
+        order = epoch_order(len(self.train_set), self.config.seed, self.epoch)
+        return batches_of_epoch(len(self.train_set), self.config.batch_size, order)
+
+    def _stop_reason(self, stop_flag: StopFlag, started: float) -> str:
+        """"done" to go on, else why the run stops before the next step."""
+        if stop_flag.reason is not None:
+            return stop_flag.reason
+        budget = self.config.time_budget_s
+        if budget and time.monotonic() - started >= budget:
+            return "time_budget"
+        return "done"
+
+    def _train_epoch(self, steps_per_epoch: int, stop_flag: StopFlag, started: float) -> tuple[str, float]:
+        """Optimizer steps from `self.position` to the end of the epoch, or until a stop is requested.
+
+        Returns the stop reason ("done" when the epoch is complete) and the epoch's mean training loss
+        (over the steps logged before a resume and the steps run here).
+        """
+        config = self.config
+        batches = self._epoch_batches()
+        bar = tqdm(total=steps_per_epoch, initial=self.position, disable=not self.progress,
+                   desc=f"{config.model} epoch {self.epoch + 1}/{config.epochs}", unit="step",
+                   dynamic_ncols=True, leave=False)
+        logged = [r["loss"] for r in self.history["steps"] if r["epoch"] == self.epoch + 1]
+        train_sum, train_count = sum(logged, 0.0), len(logged)
+        stopped = "done"
+        while self.position < steps_per_epoch:
+            stopped = self._stop_reason(stop_flag, started)
+            if stopped != "done":
+                break
+            first = self.position * config.grad_accum
+            values = self._train_step(batches[first : first + config.grad_accum])
+            self.step += 1
+            self.position += 1
+            train_sum += values["loss"]
+            train_count += 1
+            if self.step % config.log_every == 0 or self.position == steps_per_epoch:
+                self.history["steps"].append({"step": self.step, "epoch": self.epoch + 1, **values})
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2g}")
+        bar.close()
+        return stopped, train_sum / max(train_count, 1)
+
+    def _end_epoch(self, train_loss: float, started: float) -> dict[str, float]:
+        """Validate, record and checkpoint a completed epoch; returns its validation results."""
+        config = self.config
+        val = self.validate()
+        self.epoch += 1
+        self.position = 0
+        is_best = val["loss"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val["loss"])
+        self.history["epochs"].append(
+            {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "val_loss": val["loss"],
+             "val": val, "lr": lr_at(max(self.step - 1, 0), config), "elapsed_s": time.monotonic() - started}
+        )
+        self.ckpt.save_epoch(self.state(), self.epoch, is_best, keep=config.keep_epoch_checkpoints)
+        self.write_log()
+        if self.progress:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+            tqdm.write(f"{config.model} epoch {self.epoch}/{config.epochs}: train loss {train_loss:.4g}, "
+                       f"val {shown}")
+        return val
 
     def write_log(self) -> None:
         """`log.json` (atomically) and the loss-curve PNG."""

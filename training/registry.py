@@ -1,24 +1,39 @@
 """Model registry (timm style): families register small variant factories; everything else builds
-models through `create_model(name, **overrides)`."""
+models through `create_model(name, **overrides)`.
+
+Every module of `training.models` is imported before a lookup, so a family registers its variants
+by being there. `FAMILIES` is the one table of the families: each has a module of the same name in
+`training.models` (config, nn.Module, registered variants), `training.losses` (training objective)
+and `training.originals` (loading the original project's checkpoints).
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
-# Family modules that register variants when imported (one file per family).
-FAMILY_MODULES = (
-    "training.models.autoencoder_cnn_v3",
-    "training.models.stem_autoencoder",
-    "training.models.progressive_decoder",
-    "training.models.conv_decoder",
-    "training.models.diffusion_unet",
-)
+# Family name (the fixture folder, `model.family`) -> its module name in models/, losses/, originals/.
+FAMILIES: dict[str, str] = {
+    "autoencoder-cnn-v3": "autoencoder_cnn_v3",
+    "stem-autoencoder": "stem_autoencoder",
+    "progressive-decoder": "progressive_decoder",
+    "conv-decoder": "conv_decoder",
+    "diffusion-decoder": "diffusion_unet",
+}
+
+
+def family_module(family: str, package: str = "models") -> ModuleType:
+    """The module of `family` in `training.<package>` ("models", "losses" or "originals")."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return importlib.import_module(f"training.{package}.{FAMILIES[family]}")
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -34,12 +49,11 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def _import_families() -> None:
-    for module in FAMILY_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a family not written yet must not break the others
-            if exc.name != module:
-                raise
+    """Import every module of `training.models`: the family modules register their variants."""
+    import training.models
+
+    for module in pkgutil.iter_modules(training.models.__path__):
+        importlib.import_module(f"training.models.{module.name}")
 
 
 def list_models() -> list[str]:
@@ -48,8 +62,13 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered variant; keyword overrides replace fields of its config."""
+    """Build a registered variant; keyword overrides replace fields of its config.
+
+    The model is tagged with its variant name as `model.architecture` (recorded in store manifests).
+    """
     _import_families()
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**overrides)
+    model = _REGISTRY[name](**overrides)
+    model.architecture = name
+    return model

@@ -9,8 +9,6 @@ service) and lists every file with its sha256, size, format, op and export parit
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import os
 import platform
 import shutil
@@ -32,24 +30,21 @@ from app.schemas.manifest import (
     SamplerSpec,
     TensorSpec,
 )
+from app.schemas.store_format import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    StoreError,
+    read_manifest,
+    sha256_file,
+    verify_version,
+    version_is_valid,
+)
 from training.checkpoint import fsync_dir
 from training.export import FORMATS, OpExport, export_model
 
-MANIFEST_NAME = "manifest.json"
-WEIGHTS_NAME = "weights.safetensors"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class StoreError(RuntimeError):
-    """A store version that cannot be written or does not verify."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# the store format lives on the contract side; re-exported for training's callers
+__all__ = ["StoreError", "read_manifest", "sha256_file", "verify_version", "version_is_valid", "write_version"]
 
 
 def _record(
@@ -124,6 +119,48 @@ def save_weights(model: nn.Module, path: Path) -> Path:
     return path
 
 
+def _saliency_spec(name: str, capabilities: list[str], ops: dict[str, OpSpec]) -> SaliencySpec | None:
+    """Gradient saliency needs the reconstruct op as a torch.export program."""
+    if "attention-map" not in capabilities:
+        return None
+    reconstruct = ops.get("reconstruct")
+    if reconstruct is None or "torch_export" not in reconstruct.artifacts:
+        raise StoreError(
+            f"{name}: 'attention-map' needs a torch_export artifact of op 'reconstruct' "
+            "(gradient saliency); add torch_export to the formats"
+        )
+    return SaliencySpec(op="reconstruct")
+
+
+def _write_manifest(manifest: Manifest, directory: Path) -> None:
+    with open(directory / MANIFEST_NAME, "w") as handle:
+        handle.write(manifest.model_dump_json(indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(directory)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete temp directory into place (replacing an older copy of the same version)."""
+    if final.exists():
+        trash = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _check_names(name: str, version: str, architecture: str | None) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise StoreError(f"invalid model name {name!r}")
+    if not version or "/" in version or version.startswith("."):
+        raise StoreError(f"invalid version {version!r}")
+    if not architecture:
+        raise StoreError(f"{name}: the model has no registered architecture (build it with create_model)")
+
+
 def write_version(
     model: nn.Module,
     store: str | Path,
@@ -140,17 +177,17 @@ def write_version(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export `model` and write `<store>/<name>/<version>/` with its manifest; returns that directory."""
-    if not name or "/" in name or name.startswith("."):
-        raise StoreError(f"invalid model name {name!r}")
-    if not version or "/" in version or version.startswith("."):
-        raise StoreError(f"invalid version {version!r}")
-    model_dir = Path(store) / name
-    final = model_dir / version
+    """Export `model` and write `<store>/<name>/<version>/` with its manifest; returns that directory.
+
+    The manifest records the model's registered `architecture` (set by `create_model`) and its
+    config, so the model can be rebuilt from the manifest alone."""
+    architecture = getattr(model, "architecture", None)
+    _check_names(name, version, architecture)
+    final = Path(store) / name / version
     if final.exists() and not overwrite:
         raise StoreError(f"{final} already exists (pass overwrite=True to replace it)")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".tmp-{version}-{os.getpid()}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -158,83 +195,30 @@ def write_version(
         exports = export_model(model, tmp, formats=formats, batch_size=export_batch_size, log=log)
         records = [_record(tmp, a.path, a.format, a.op, a.parity_max_abs_err) for e in exports for a in e.artifacts]
         records.append(_record(tmp, save_weights(model, tmp / WEIGHTS_NAME)))
-        for extra in extra_files:
-            extra = Path(extra)
+        for extra in map(Path, extra_files):
             if extra.is_file():
                 records.append(_record(tmp, Path(shutil.copy2(extra, tmp / extra.name))))
         capabilities = list(model.capabilities())
         ops = {e.op.name: _op_spec(e, tmp, max_batch_size) for e in exports}
-        saliency = None
-        if "attention-map" in capabilities:
-            if "torch_export" not in ops.get("reconstruct", OpSpec(inputs=[], outputs=[], artifacts={})).artifacts:
-                raise StoreError(
-                    f"{name}: 'attention-map' needs a torch_export artifact of op 'reconstruct' "
-                    "(gradient saliency); add torch_export to the formats"
-                )
-            saliency = SaliencySpec(op="reconstruct")
-        sampler = SamplerSpec(**model.sampler_spec()) if hasattr(model, "sampler_spec") else None
         manifest = Manifest(
             name=name,
             version=version,
             family=model.family,
+            architecture=architecture,
             description=description,
             config=model.get_config(),
             capabilities=capabilities,
             preprocessing=Preprocessing(**model.preprocessing()),
             ops=ops,
             artifacts=records,
-            saliency=saliency,
-            sampler=sampler,
+            saliency=_saliency_spec(name, capabilities, ops),
+            sampler=SamplerSpec(**model.sampler_spec()) if hasattr(model, "sampler_spec") else None,
             training=training or {},
             provenance=provenance(command, folded_conv_bn={e.op.name: e.folded_pairs for e in exports}),
         )
-        manifest_path = tmp / MANIFEST_NAME
-        with open(manifest_path, "w") as handle:
-            handle.write(manifest.model_dump_json(indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            trash = model_dir / f".old-{version}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(model_dir)
+        _write_manifest(manifest, tmp)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def read_manifest(version_dir: str | Path) -> Manifest:
-    path = Path(version_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise StoreError(f"{version_dir} has no {MANIFEST_NAME}")
-    return Manifest.model_validate(json.loads(path.read_text()))
-
-
-def verify_version(version_dir: str | Path) -> Manifest:
-    """Validate the manifest and check every artifact's size and sha256; raises `StoreError`."""
-    version_dir = Path(version_dir)
-    manifest = read_manifest(version_dir)
-    for record in manifest.artifacts:
-        path = version_dir / record.path
-        if not path.is_file():
-            raise StoreError(f"{version_dir}: artifact {record.path} is missing")
-        if path.stat().st_size != record.bytes:
-            raise StoreError(
-                f"{version_dir}: artifact {record.path} has {path.stat().st_size} bytes, manifest says {record.bytes}"
-            )
-        if sha256_file(path) != record.sha256:
-            raise StoreError(f"{version_dir}: artifact {record.path} fails its sha256 check")
-    return manifest
-
-
-def version_is_valid(version_dir: str | Path) -> bool:
-    try:
-        verify_version(version_dir)
-    except (StoreError, ValueError):
-        return False
-    return True

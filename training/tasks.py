@@ -7,7 +7,6 @@ of a family trains the same way. `register_task` lets tests and plug-ins add fam
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from training.config import TrainConfig
-from training.registry import create_model
+from training.registry import create_model, family_module
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 MetricFn = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]]
@@ -84,8 +83,9 @@ def _data_options(config: TrainConfig, allowed: tuple[str, ...]) -> dict[str, An
     return dict(config.data)
 
 
-def _family_functions(module_name: str) -> tuple[LossFn, MetricFn]:
-    module = importlib.import_module(module_name)
+def _family_functions(family: str) -> tuple[LossFn, MetricFn]:
+    """The family's objective from `training.losses` (see `training.registry.FAMILIES`)."""
+    module = family_module(family, "losses")
     return module.training_losses, module.validation_metrics
 
 
@@ -117,7 +117,7 @@ def _v3_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Datase
 
 
 def _v3_task() -> Task:
-    losses, metrics = _family_functions("training.models.autoencoder_cnn_v3")
+    losses, metrics = _family_functions("autoencoder-cnn-v3")
     return Task(
         "autoencoder-cnn-v3",
         losses,
@@ -159,7 +159,7 @@ def _stem_report(model: nn.Module, config: TrainConfig, out_dir: Path) -> list[P
 
 
 def _stem_task() -> Task:
-    losses, metrics = _family_functions("training.models.stem_autoencoder")
+    losses, metrics = _family_functions("stem-autoencoder")
     return Task(
         "stem-autoencoder",
         losses,
@@ -196,7 +196,7 @@ def _conv_decoder_datasets(model: nn.Module, config: TrainConfig) -> tuple[Datas
 
 
 def _conv_decoder_task() -> Task:
-    losses, metrics = _family_functions("training.models.conv_decoder")
+    losses, metrics = _family_functions("conv-decoder")
     return Task(
         "conv-decoder",
         losses,
@@ -246,7 +246,7 @@ def _progressive_datasets(model: nn.Module, config: TrainConfig) -> tuple[Datase
 
 
 def _progressive_task() -> Task:
-    losses, metrics = _family_functions("training.models.progressive_decoder")
+    losses, metrics = _family_functions("progressive-decoder")
     return Task(
         "progressive-decoder",
         losses,
@@ -278,13 +278,13 @@ def _diffusion_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset,
 def _diffusion_report(model: nn.Module, config: TrainConfig, out_dir: Path) -> list[Path]:
     """A grid of DDIM samples (50 steps, seed 0) over a spread of conditions."""
     from training.data.layouts import condition_grid
-    from training.models.diffusion_unet import sample_grid_png
+    from training.visualize_diffusion import sample_grid_png
 
     return [sample_grid_png(model, None, condition_grid(), out_dir / "samples.png", steps=50, seed=0)]
 
 
 def _diffusion_task() -> Task:
-    losses, metrics = _family_functions("training.models.diffusion_unet")
+    losses, metrics = _family_functions("diffusion-decoder")
     return Task(
         "diffusion-decoder",
         losses,

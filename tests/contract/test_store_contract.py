@@ -44,7 +44,7 @@ def _rebuilt(manifest: Manifest, version: Path) -> torch.nn.Module:
     """The model rebuilt from the manifest alone (registry name + config) and the stored weights."""
     from safetensors.torch import load_file
 
-    model = create_model(manifest.training["model"], **manifest.config)
+    model = create_model(manifest.architecture, **manifest.config)
     model.load_state_dict(load_file(str(version / "weights.safetensors")), strict=True)
     return model.eval()
 
@@ -54,6 +54,7 @@ def test_manifest_validates_and_checksums_verify(store) -> None:
     version = _version(store)
     manifest = Manifest.model_validate(json.loads((version / "manifest.json").read_text()))
     assert manifest.family == "autoencoder-cnn-v3" and manifest.name == "v3-tiny-contract"
+    assert manifest.architecture == "v3_tiny" and "model" not in manifest.training
     assert {"encode", "decode", "reconstruct"} <= set(manifest.ops)
     assert manifest.training["steps"] == 2 and {"psnr", "ssim", "mse"} <= set(manifest.training["val"])
     assert manifest.preprocessing.input_size == (48, 48)
@@ -90,7 +91,7 @@ def test_onnx_outputs_equal_eager(store) -> None:
 
 @pytest.mark.slow
 def test_app_store_loads_and_runs_it(store) -> None:
-    app_store = pytest.importorskip("app.store")
+    from app import store as app_store
     from app.settings import Settings
 
     records = {r.name: r for r in app_store.scan_store(store)}

@@ -13,17 +13,16 @@ import torch
 import torch.nn as nn
 
 from app.schemas.manifest import Preprocessing
+from training.losses.autoencoder_cnn_v3 import training_losses, validation_metrics
 from training.models.autoencoder_cnn_v3 import (
     PRESETS,
     AutoEncoderCNNV3,
     AutoEncoderV3Config,
     create_autoencoder,
-    load_original,
     preset_config,
-    training_losses,
-    validation_metrics,
 )
 from training.models.base import Family
+from training.originals.autoencoder_cnn_v3 import load_original
 from training.registry import create_model, list_models
 
 

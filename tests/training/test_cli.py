@@ -192,7 +192,7 @@ def test_build_store_builds_then_skips_when_present(tmp_path, capsys) -> None:
     assert main(args) == 0
     assert _last_json(capsys)["built"].keys() == {"toy-small"}
     manifest = read_manifest(tmp_path / "store" / "toy-small" / "3")
-    assert manifest.training["epochs"] == 2 and manifest.training["model"] == "toy_ae"
+    assert manifest.training["epochs"] == 2 and manifest.architecture == "toy_ae"
     assert manifest.training["train_config"]["model_overrides"] == {"latent_dim": 6}
     assert {"log.json", "loss_curve.png"} <= {a.path for a in manifest.artifacts}
     assert main(args) == 0

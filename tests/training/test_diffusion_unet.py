@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from app.schemas.manifest import Preprocessing, SamplerSpec
 from training.data.layouts import CONDITION_KEYS as LAYOUT_CONDITION_KEYS
 from training.data.layouts import DesignLayouts
+from training.losses.diffusion_unet import training_losses, validation_metrics
 from training.models.base import Family
 from training.models.diffusion_unet import (
     CONDITION_KEYS,
@@ -18,12 +19,10 @@ from training.models.diffusion_unet import (
     DiffusionUNet,
     DiffusionUNetConfig,
     ResidualBlock,
-    config_from_original,
-    sample_grid_png,
-    training_losses,
-    validation_metrics,
 )
+from training.originals.diffusion_unet import config_from_original
 from training.registry import create_model, list_models
+from training.visualize_diffusion import sample_grid_png
 
 
 def tiny(**overrides) -> DiffusionUNet:

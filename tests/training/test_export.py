@@ -19,7 +19,7 @@ from training.export import (
     make_inputs,
     verification_shapes,
 )
-from training.models.base import ExportOp
+from training.models.base import MAX_OP_INPUTS, ExportOp, OpModule
 from training.registry import create_model
 
 
@@ -224,3 +224,46 @@ def test_aoti_package_of_a_tiny_op(tmp_path) -> None:
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+class _Methods(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def features(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.bn(self.conv(x)) * scale
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def four(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return a + b + c + d
+
+
+def test_op_module_calls_the_named_method_and_shares_the_mode() -> None:
+    model = _Methods().eval()
+    op = OpModule(model, "features", scale=2.0)
+    x = torch.rand(2, 1, 8, 8)
+    assert op.arity == 1 and not op.training
+    assert torch.equal(op(x), model.features(x, scale=2.0))
+    a, b = torch.rand(3, 4), torch.rand(3, 4)
+    assert OpModule(model, "add").arity == 2 and torch.equal(OpModule(model, "add")(a, b), a + b)
+    assert OpModule(model.train(), "add").training
+    with pytest.raises(AttributeError, match="has no method 'nope'"):
+        OpModule(model, "nope")
+    with pytest.raises(ValueError, match=f"at most {MAX_OP_INPUTS}"):
+        OpModule(model, "four")
+
+
+def test_op_module_exports_with_one_dynamic_spec_per_input_and_folds_batchnorm() -> None:
+    op = OpModule(_Methods().eval(), "features")
+    x = torch.rand(2, 1, 8, 8)
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(op, (x,), dynamic_shapes=({0: auto, 2: auto, 3: auto},))
+    y = torch.rand(3, 1, 10, 6)
+    assert torch.allclose(program.module()(y), op(y), atol=1e-6)
+    folded, pairs = fold_batchnorm(op)
+    assert pairs == 1 and not batchnorm_modules(folded)
+

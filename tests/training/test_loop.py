@@ -11,7 +11,8 @@ import torch
 import tests.training.toy_family  # noqa: F401  (registers toy_ae)
 from training.checkpoint import CheckpointDir, load_checkpoint
 from training.config import TrainConfig, apply_overrides
-from training.loop import Trainer, amp_dtype, batches_of_epoch, epoch_order, lr_at, train
+from training.loop import Trainer, batches_of_epoch, epoch_order, lr_at, train
+from training.runtime import amp_dtype
 from training.tasks import default_config
 
 

@@ -15,13 +15,12 @@ from app.schemas.manifest import Preprocessing, SamplerSpec
 from training.data.single_image import SingleImageDataset
 from training.forward_operators import place_object
 from training.layers.crop_pad import CropPad
+from training.losses.progressive_decoder import training_losses, validation_metrics
 from training.models.base import Family
 from training.models.progressive_decoder import (
     NetworkConfig,
     ProgressiveDecoder,
     ProgressiveDecoderConfig,
-    training_losses,
-    validation_metrics,
 )
 from training.registry import create_model, list_models
 

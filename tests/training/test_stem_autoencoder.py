@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from app.schemas.manifest import Preprocessing
+from training.losses.stem_autoencoder import compute_loss, training_losses, validation_metrics
 from training.models.base import Family
 from training.models.stem_autoencoder import (
     ConditionalBatchNorm2d,
@@ -20,12 +21,8 @@ from training.models.stem_autoencoder import (
     StemAutoencoder,
     StemAutoencoderConfig,
     adaptive_avg_pool,
-    compute_loss,
-    load_original,
-    original_key_to_ours,
-    training_losses,
-    validation_metrics,
 )
+from training.originals.stem_autoencoder import load_original, original_key_to_ours
 from training.registry import create_model, list_models
 
 

@@ -48,6 +48,7 @@ def test_version_layout_and_manifest(toy_version) -> None:
     assert not [p for p in (store / "toy").iterdir() if p.name.startswith(".")], "no temp dirs left"
     manifest = Manifest.model_validate(json.loads((path / "manifest.json").read_text()))
     assert manifest.name == "toy" and manifest.version == "1" and manifest.family == "toy"
+    assert manifest.architecture == "toy_ae"
     assert manifest.config == {"size": 16, "channels": 4, "latent_dim": 8, "noise": 0.0, "norm": True}
     assert manifest.capabilities == ["encode", "decode", "reconstruct", "sample"]
     assert manifest.preprocessing.input_size == (16, 16) and manifest.preprocessing.dynamic_hw
@@ -78,7 +79,7 @@ def test_verify_detects_tampering_and_missing_files(toy_version, tmp_path) -> No
     copy = tmp_path / "toy" / "1"
     shutil.copytree(path, copy)
     (copy / "decode.onnx").write_bytes((copy / "decode.onnx").read_bytes()[:-1] + b"\0")
-    with pytest.raises(StoreError, match=r"decode\.onnx fails its sha256 check"):
+    with pytest.raises(StoreError, match=r"decode\.onnx sha256 mismatch"):
         verify_version(copy)
     (copy / "notes.txt").unlink()
     assert not version_is_valid(copy)
@@ -102,6 +103,13 @@ def test_failed_build_leaves_no_version(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="exploded"):
         write_version(create_model("toy_ae"), tmp_path, "toy", "1", formats=["onnx"])
     assert list((tmp_path / "toy").iterdir()) == []
+
+
+def test_a_model_without_registered_architecture_is_refused(tmp_path) -> None:
+    model = create_model("toy_ae")
+    del model.architecture
+    with pytest.raises(StoreError, match="no registered architecture"):
+        write_version(model, tmp_path, "toy", "1", formats=["onnx"])
 
 
 def test_invalid_names_are_refused(tmp_path) -> None:

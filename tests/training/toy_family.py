@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from training import metrics
+from training import image_quality
 from training.config import TrainConfig
-from training.models.base import ExportOp, config_to_dict
+from training.models.base import ExportOp, OpModule, config_to_dict
 from training.registry import _REGISTRY, register_model
 from training.tasks import Task, register_task
 
@@ -94,7 +94,7 @@ class ToyAutoencoder(nn.Module):
         return [
             ExportOp(
                 "encode",
-                _Call(self, "encode"),
+                OpModule(self, "encode"),
                 (image,),
                 ["image"],
                 ["latent"],
@@ -104,25 +104,15 @@ class ToyAutoencoder(nn.Module):
             ),
             ExportOp(
                 "decode",
-                _Call(self, "decode"),
+                OpModule(self, "decode"),
                 (latent,),
                 ["latent"],
                 ["image"],
                 check_shapes=[((1, self.config.latent_dim),)],
                 aoti=False,
             ),
-            ExportOp("reconstruct", _Call(self, "forward"), (image,), ["image"], ["reconstruction"], aoti=False),
+            ExportOp("reconstruct", OpModule(self, "forward"), (image,), ["image"], ["reconstruction"], aoti=False),
         ]
-
-
-class _Call(nn.Module):
-    def __init__(self, model: ToyAutoencoder, method: str) -> None:
-        super().__init__()
-        self.model = model
-        self.method = method
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model, self.method)(x)
 
 
 class Blobs(Dataset):
@@ -158,7 +148,7 @@ def toy_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, to
 def toy_metrics(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     x = batch["image"]
     y = model(x)
-    return {"psnr": float(metrics.psnr(y, x)), "mse": float(metrics.mse(y, x))}
+    return {"psnr": float(image_quality.psnr(y, x)), "mse": float(image_quality.mse(y, x))}
 
 
 def toy_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dataset]:

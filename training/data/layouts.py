@@ -22,6 +22,7 @@ import colorsys
 import math
 import numbers
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -160,14 +161,100 @@ def _text_block(canvas: _Canvas, x0: float, y0: float, x1: float, y1: float, lin
         y += line_height + gap
 
 
-def _image_area(canvas: _Canvas, x0: float, y0: float, x1: float, y1: float, sky: np.ndarray,
-                ground: np.ndarray, sun: np.ndarray, rng: np.random.Generator) -> None:
+class _Palette(NamedTuple):
+    """The colours of one page (RGB float32 in [0, 1])."""
+
+    paper: np.ndarray
+    ink: np.ndarray
+    accent: np.ndarray
+    second: np.ndarray
+    surround: np.ndarray
+    sky: np.ndarray
+    ground: np.ndarray
+    sun: np.ndarray
+
+
+def _palette(goal: int, tone: float, rng: np.random.Generator) -> _Palette:
+    """Goal -> hue (jittered), tone -> saturation and contrast."""
+    hue = goal / len(GOALS) + float(rng.uniform(-0.02, 0.02))
+    saturation = 0.15 + 0.8 * tone
+    contrast = 0.45 + 0.5 * tone
+    return _Palette(
+        paper=_rgb(hue, 0.06 + 0.1 * tone, 0.97 - 0.05 * (1 - tone)),
+        ink=_rgb(hue, saturation * 0.5, 0.55 - 0.45 * contrast),
+        accent=_rgb(hue, saturation, 0.55 + 0.4 * tone),
+        second=_rgb(hue + 0.5, saturation * 0.8, 0.5 + 0.4 * tone),
+        surround=_rgb(hue, 0.2 * saturation, 0.25 + 0.1 * (1 - tone)),
+        sky=_rgb(hue + 0.08, saturation * 0.45, 0.85),
+        ground=_rgb(hue - 0.1, saturation * 0.7, 0.35 + 0.3 * tone),
+        sun=_rgb(0.12, 0.4 + 0.5 * tone, 0.98),
+    )
+
+
+def _image_area(canvas: _Canvas, x0: float, y0: float, x1: float, y1: float, colors: _Palette,
+                rng: np.random.Generator) -> None:
     """A picture placeholder: sky, a sun disc and a ground band."""
-    canvas.rect(x0, y0, x1, y1, sky)
+    canvas.rect(x0, y0, x1, y1, colors.sky)
     w, h = x1 - x0, y1 - y0
     canvas.disc(x0 + w * float(rng.uniform(0.25, 0.75)), y0 + h * float(rng.uniform(0.25, 0.45)),
-                min(w, h) * float(rng.uniform(0.12, 0.22)), sun, (x0, y0, x1, y1))
-    canvas.rect(x0, y0 + h * float(rng.uniform(0.6, 0.75)), x1, y1, ground)
+                min(w, h) * float(rng.uniform(0.12, 0.22)), colors.sun, (x0, y0, x1, y1))
+    canvas.rect(x0, y0 + h * float(rng.uniform(0.6, 0.75)), x1, y1, colors.ground)
+
+
+def _jitter(rng: np.random.Generator, spread: float) -> float:
+    return float(rng.uniform(-spread, spread))
+
+
+def _poster(canvas: _Canvas, colors: _Palette, line: float, align: int, rng: np.random.Generator) -> None:
+    """Portrait page: image on top, header bar, one text column, a button."""
+    px0, px1 = 0.16 + _jitter(rng, 0.03), 0.84 + _jitter(rng, 0.03)
+    py0, py1 = 0.03, 0.97
+    canvas.rect(px0, py0, px1, py1, colors.paper)
+    m = 0.05 + _jitter(rng, 0.01)
+    image_bottom = py0 + 0.42 + _jitter(rng, 0.06)
+    _image_area(canvas, px0 + m, py0 + m, px1 - m, image_bottom, colors, rng)
+    header_top = image_bottom + 0.05
+    canvas.rect(px0 + m, header_top, px1 - m, header_top + 0.09, colors.accent)
+    _text_block(canvas, px0 + m, header_top + 0.14, px1 - m, py1 - 0.15, line, align, colors.ink, rng)
+    canvas.rect(px0 + m, py1 - 0.11, px0 + m + 0.3, py1 - 0.05, colors.second)
+
+
+def _social_post(canvas: _Canvas, colors: _Palette, line: float, align: int, rng: np.random.Generator) -> None:
+    """Full square: header bar, large image, short caption."""
+    canvas.rect(0.0, 0.0, 1.0, 1.0, colors.paper)
+    canvas.rect(0.0, 0.0, 1.0, 0.1 + _jitter(rng, 0.02), colors.accent)
+    image_bottom = 0.72 + _jitter(rng, 0.06)
+    _image_area(canvas, 0.08, 0.16, 0.92, image_bottom, colors, rng)
+    _text_block(canvas, 0.08, image_bottom + 0.06, 0.92, 0.97, line, align, colors.ink, rng)
+
+
+def _flyer(canvas: _Canvas, colors: _Palette, line: float, align: int, rng: np.random.Generator) -> None:
+    """Portrait page: header bar, two text columns, a small image in the right one."""
+    px0, px1 = 0.12 + _jitter(rng, 0.03), 0.88 + _jitter(rng, 0.03)
+    canvas.rect(px0, 0.03, px1, 0.97, colors.paper)
+    m = 0.05
+    header_bottom = 0.2 + _jitter(rng, 0.03)
+    canvas.rect(px0 + m, 0.07, px1 - m, header_bottom, colors.accent)
+    mid = (px0 + px1) / 2
+    columns_top = header_bottom + 0.06
+    _text_block(canvas, px0 + m, columns_top, mid - 0.02, 0.92, line, align, colors.ink, rng)
+    image_bottom = columns_top + 0.3 + _jitter(rng, 0.05)
+    _image_area(canvas, mid + 0.02, columns_top, px1 - m, image_bottom, colors, rng)
+    _text_block(canvas, mid + 0.02, image_bottom + 0.05, px1 - m, 0.92, line, align, colors.ink, rng)
+
+
+def _banner(canvas: _Canvas, colors: _Palette, line: float, align: int, rng: np.random.Generator) -> None:
+    """Wide strip: image left, header bar and text right."""
+    top, bottom = 0.28 + _jitter(rng, 0.04), 0.72 + _jitter(rng, 0.04)
+    canvas.rect(0.02, top, 0.98, bottom, colors.paper)
+    m = 0.04
+    image_right = 0.4 + _jitter(rng, 0.05)
+    _image_area(canvas, 0.02 + m, top + m, image_right, bottom - m, colors, rng)
+    canvas.rect(image_right + 0.05, top + m, 0.94, top + m + 0.1, colors.accent)
+    _text_block(canvas, image_right + 0.05, top + m + 0.15, 0.94, bottom - m, line, align, colors.ink, rng)
+
+
+_PAGES = {"poster": _poster, "social_post": _social_post, "flyer": _flyer, "banner": _banner}
 
 
 def render_layout(goal: int, fmt: int, tone: float, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -176,60 +263,10 @@ def render_layout(goal: int, fmt: int, tone: float, size: int, rng: np.random.Ge
         raise ValueError(f"goal id must be within [0, {len(GOALS) - 1}]; got {goal}")
     if not 0 <= fmt < len(FORMATS):
         raise ValueError(f"format id must be within [0, {len(FORMATS) - 1}]; got {fmt}")
-    hue = goal / len(GOALS) + float(rng.uniform(-0.02, 0.02))
-    saturation = 0.15 + 0.8 * tone
-    contrast = 0.45 + 0.5 * tone
-    paper = _rgb(hue, 0.06 + 0.1 * tone, 0.97 - 0.05 * (1 - tone))
-    ink = _rgb(hue, saturation * 0.5, 0.55 - 0.45 * contrast)
-    accent = _rgb(hue, saturation, 0.55 + 0.4 * tone)
-    second = _rgb(hue + 0.5, saturation * 0.8, 0.5 + 0.4 * tone)
-    surround = _rgb(hue, 0.2 * saturation, 0.25 + 0.1 * (1 - tone))
-    sky = _rgb(hue + 0.08, saturation * 0.45, 0.85)
-    ground = _rgb(hue - 0.1, saturation * 0.7, 0.35 + 0.3 * tone)
-    sun = _rgb(0.12, 0.4 + 0.5 * tone, 0.98)
-    align = goal % 3
-    jitter = lambda spread: float(rng.uniform(-spread, spread))  # noqa: E731
-
-    canvas = _Canvas(size * SUPERSAMPLE, surround)
+    colors = _palette(goal, tone, rng)
+    canvas = _Canvas(size * SUPERSAMPLE, colors.surround)
     line = max(0.045, 1.6 / size)    # at least ~1.6 output pixels per text line
-    name = FORMATS[fmt]
-    if name == "poster":
-        px0, px1 = 0.16 + jitter(0.03), 0.84 + jitter(0.03)
-        py0, py1 = 0.03, 0.97
-        canvas.rect(px0, py0, px1, py1, paper)
-        m = 0.05 + jitter(0.01)
-        image_bottom = py0 + 0.42 + jitter(0.06)
-        _image_area(canvas, px0 + m, py0 + m, px1 - m, image_bottom, sky, ground, sun, rng)
-        header_top = image_bottom + 0.05
-        canvas.rect(px0 + m, header_top, px1 - m, header_top + 0.09, accent)
-        _text_block(canvas, px0 + m, header_top + 0.14, px1 - m, py1 - 0.15, line, align, ink, rng)
-        canvas.rect(px0 + m, py1 - 0.11, px0 + m + 0.3, py1 - 0.05, second)
-    elif name == "social_post":
-        canvas.rect(0.0, 0.0, 1.0, 1.0, paper)
-        canvas.rect(0.0, 0.0, 1.0, 0.1 + jitter(0.02), accent)
-        image_bottom = 0.72 + jitter(0.06)
-        _image_area(canvas, 0.08, 0.16, 0.92, image_bottom, sky, ground, sun, rng)
-        _text_block(canvas, 0.08, image_bottom + 0.06, 0.92, 0.97, line, align, ink, rng)
-    elif name == "flyer":
-        px0, px1 = 0.12 + jitter(0.03), 0.88 + jitter(0.03)
-        canvas.rect(px0, 0.03, px1, 0.97, paper)
-        m = 0.05
-        header_bottom = 0.2 + jitter(0.03)
-        canvas.rect(px0 + m, 0.07, px1 - m, header_bottom, accent)
-        mid = (px0 + px1) / 2
-        columns_top = header_bottom + 0.06
-        _text_block(canvas, px0 + m, columns_top, mid - 0.02, 0.92, line, align, ink, rng)
-        image_bottom = columns_top + 0.3 + jitter(0.05)
-        _image_area(canvas, mid + 0.02, columns_top, px1 - m, image_bottom, sky, ground, sun, rng)
-        _text_block(canvas, mid + 0.02, image_bottom + 0.05, px1 - m, 0.92, line, align, ink, rng)
-    else:  # banner
-        top, bottom = 0.28 + jitter(0.04), 0.72 + jitter(0.04)
-        canvas.rect(0.02, top, 0.98, bottom, paper)
-        m = 0.04
-        image_right = 0.4 + jitter(0.05)
-        _image_area(canvas, 0.02 + m, top + m, image_right, bottom - m, sky, ground, sun, rng)
-        canvas.rect(image_right + 0.05, top + m, 0.94, top + m + 0.1, accent)
-        _text_block(canvas, image_right + 0.05, top + m + 0.15, 0.94, bottom - m, line, align, ink, rng)
+    _PAGES[FORMATS[fmt]](canvas, colors, line, goal % 3, rng)
     image = canvas.downsampled(SUPERSAMPLE)
     image = image + rng.normal(0.0, 0.01, size=image.shape).astype(np.float32)
     image = np.clip(image, 0.0, 1.0) * 2.0 - 1.0

@@ -135,57 +135,52 @@ def _central_crop(array: np.ndarray, angular_coords: Sequence[np.ndarray]) -> np
     return array[..., slices[0], slices[1]]
 
 
-def simulate_4dstem(params: SimulationParams | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run the multislice simulation; returns the arrays and metadata written by `save_npz`."""
+def _simulate_defocus(params: SimulationParams, d: int, thickness_ids: list[int], scan: Any,
+                      verbose: bool) -> tuple[dict[int, np.ndarray], float, tuple[float, ...]]:
+    """One multislice run at defocus index `d`, as thick as its thickest configuration, with exit planes
+    at each thickness; returns {thickness index: (scan_y, scan_x, ky, kx)}, wavelength, angular sampling."""
+    import abtem
+
+    a = SRTIO3_LATTICE_A
+    cells = [params.thickness_cells[t] for t in thickness_ids]
+    start = time.time()
+    atoms = build_srtio3(params, cells_z=max(cells))
+    if params.num_phonons > 0:
+        atoms = abtem.FrozenPhonons(atoms, num_configs=params.num_phonons,
+                                    sigmas=params.phonon_sigma_A, seed=params.seed)
+    potential = abtem.Potential(atoms, sampling=params.sampling_A,
+                                slice_thickness=a / params.slices_per_cell,
+                                parametrization=params.parametrization,
+                                exit_planes=tuple(c * params.slices_per_cell - 1 for c in cells))
+    probe = abtem.Probe(energy=params.energy_eV, semiangle_cutoff=params.semiangle_mrad,
+                        defocus=params.defocus_A[d])
+    probe.grid.match(potential)
+    wavelength_A = float(probe.wavelength)
+    pixel_mrad = 1e3 * wavelength_A / (params.supercell[0] * a)
+    max_angle = (PATTERN_SIZE // 2 + 2) * pixel_mrad
+    measurement = probe.scan(potential, scan=scan,
+                             detectors=abtem.PixelatedDetector(max_angle=max_angle), lazy=False)
+    angular_sampling = tuple(float(s) for s in measurement.angular_sampling)
+    array = np.asarray(measurement.array, dtype=np.float64)
+    if array.ndim == 4:                       # a single exit plane has no thickness axis
+        array = array[None]
+    array = _central_crop(array, measurement.angular_coordinates)   # (n_exit, sx, sy, 64, 64)
+    if verbose:
+        print(f"defocus {params.defocus_A[d]} Å, {max(cells)} cells: {array.shape} "
+              f"in {time.time() - start:.1f} s")
+    # abTEM's axes are (x, y); store (scan_y, scan_x) and (ky, kx) like image rows/columns.
+    return ({t: array[k].transpose(1, 0, 3, 2) for k, t in enumerate(thickness_ids)}, wavelength_A,
+            angular_sampling)
+
+
+def _metadata(params: SimulationParams, configs: list[tuple[int, int]], wavelength_A: float | None,
+              angular_sampling: tuple[float, ...] | None, i_max: float) -> dict[str, Any]:
+    """The JSON metadata stored with the patterns."""
     import abtem
     import ase
-    import dask
 
-    params = params or SimulationParams()
-    dask.config.set(scheduler="synchronous")   # single thread: the machine is shared
     a = SRTIO3_LATTICE_A
-    scan = abtem.GridScan(start=(0.0, 0.0), end=(params.scan_cells * a, params.scan_cells * a),
-                          gpts=(params.scan_gpts, params.scan_gpts), endpoint=False)
-    configs = params.selected_configs()
-    wavelength_A = None
-    angular_sampling = None
-    patterns: dict[tuple[int, int], np.ndarray] = {}
-    for d in sorted({d for d, _ in configs}):
-        # one multislice run per defocus, as thick as its thickest configuration, exit planes at each
-        thickness_ids = sorted({t for dd, t in configs if dd == d})
-        cells = [params.thickness_cells[t] for t in thickness_ids]
-        start = time.time()
-        atoms = build_srtio3(params, cells_z=max(cells))
-        if params.num_phonons > 0:
-            atoms = abtem.FrozenPhonons(atoms, num_configs=params.num_phonons,
-                                        sigmas=params.phonon_sigma_A, seed=params.seed)
-        potential = abtem.Potential(atoms, sampling=params.sampling_A,
-                                    slice_thickness=a / params.slices_per_cell,
-                                    parametrization=params.parametrization,
-                                    exit_planes=tuple(c * params.slices_per_cell - 1 for c in cells))
-        probe = abtem.Probe(energy=params.energy_eV, semiangle_cutoff=params.semiangle_mrad,
-                            defocus=params.defocus_A[d])
-        probe.grid.match(potential)
-        wavelength_A = float(probe.wavelength)
-        pixel_mrad = 1e3 * wavelength_A / (params.supercell[0] * a)
-        max_angle = (PATTERN_SIZE // 2 + 2) * pixel_mrad
-        measurement = probe.scan(potential, scan=scan,
-                                 detectors=abtem.PixelatedDetector(max_angle=max_angle), lazy=False)
-        angular_sampling = tuple(float(s) for s in measurement.angular_sampling)
-        array = np.asarray(measurement.array, dtype=np.float64)
-        if array.ndim == 4:                       # a single exit plane has no thickness axis
-            array = array[None]
-        array = _central_crop(array, measurement.angular_coordinates)   # (n_exit, sx, sy, 64, 64)
-        for k, t in enumerate(thickness_ids):
-            # abTEM's axes are (x, y); store (scan_y, scan_x) and (ky, kx) like image rows/columns.
-            patterns[(d, t)] = array[k].transpose(1, 0, 3, 2)
-        if verbose:
-            print(f"defocus {params.defocus_A[d]} Å, {max(cells)} cells: {array.shape} "
-                  f"in {time.time() - start:.1f} s")
-
-    stack = np.stack([patterns[c] for c in configs])
-    stored, i_max = log_quantise(stack, params.dynamic_range, params.quant_max)
-    metadata = {
+    return {
         "format_version": FORMAT_VERSION,
         "material": "SrTiO3 (cubic perovskite, a = 3.905 Å), beam along [001]",
         "params": asdict(params),
@@ -203,6 +198,30 @@ def simulate_4dstem(params: SimulationParams | None = None, verbose: bool = Fals
         "intensity_max": i_max,
         "software": {"abtem": abtem.__version__, "ase": ase.__version__, "numpy": np.__version__},
     }
+
+
+def simulate_4dstem(params: SimulationParams | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run the multislice simulation; returns the arrays and metadata written by `save_npz`."""
+    import abtem
+    import dask
+
+    params = params or SimulationParams()
+    dask.config.set(scheduler="synchronous")   # single thread: the machine is shared
+    a = SRTIO3_LATTICE_A
+    scan = abtem.GridScan(start=(0.0, 0.0), end=(params.scan_cells * a, params.scan_cells * a),
+                          gpts=(params.scan_gpts, params.scan_gpts), endpoint=False)
+    configs = params.selected_configs()
+    wavelength_A = None
+    angular_sampling = None
+    patterns: dict[tuple[int, int], np.ndarray] = {}
+    for d in sorted({d for d, _ in configs}):
+        thickness_ids = sorted({t for dd, t in configs if dd == d})
+        by_thickness, wavelength_A, angular_sampling = _simulate_defocus(params, d, thickness_ids, scan, verbose)
+        patterns.update({(d, t): pattern for t, pattern in by_thickness.items()})
+
+    stack = np.stack([patterns[c] for c in configs])
+    stored, i_max = log_quantise(stack, params.dynamic_range, params.quant_max)
+    metadata = _metadata(params, configs, wavelength_A, angular_sampling, i_max)
     return {
         "patterns": stored,
         "scan_shape": np.array([params.scan_gpts, params.scan_gpts], dtype=np.int64),

@@ -1,9 +1,14 @@
-"""Multi-head self-attention over the pixels of a feature map that can return its attention weights."""
+"""Multi-head self-attention over the pixels of a feature map.
+
+`SelfAttentionBlock` (AutoEncoder CNN V3) can return its attention weights; `SelfAttention2d`
+(ConvDecoder) follows the ImageDGD layout and uses a fused attention kernel.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class SelfAttentionBlock(nn.Module):
@@ -44,3 +49,33 @@ class SelfAttentionBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over the H·W positions with a plain residual (original layout).
+
+    `query`/`key`/`value`/`proj_out` are conv1×1 C->C with bias; channel `head·d + j` belongs to head
+    `head` (d = C / heads); softmax(qᵀk · d^-0.5) over the keys; output = x + proj_out(attention).
+    Uses `scaled_dot_product_attention`, so eager runs never hold the (N, N) matrix where a fused
+    kernel exists.
+    """
+
+    def __init__(self, channels: int, heads: int = 8) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"SelfAttention2d needs channels ({channels}) divisible by heads ({heads})")
+        self.heads = heads
+        self.query = nn.Conv2d(channels, channels, 1)
+        self.key = nn.Conv2d(channels, channels, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, heads, N, d)
+        return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(-2, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        out = F.scaled_dot_product_attention(q, k, v)                  # (B, heads, N, d)
+        out = out.transpose(-2, -1).flatten(1, 2).unflatten(2, x.shape[-2:])
+        return x + self.proj_out(out)

@@ -3,11 +3,13 @@
 Every family that takes an activation or a normalization as a config string builds it here, so the
 names, the defaults behind each name and the error for an unknown name are the same everywhere.
 Each call returns a fresh module (parametrised activations such as PReLU never share a slope).
+The `check_*` functions validate config values with the same style of error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -64,6 +66,27 @@ def check_choice(option: str, value: object, allowed: tuple[str, ...]) -> None:
     """Raise a ValueError naming `option` and the allowed values when `value` is not one of them."""
     if value not in allowed:
         raise ValueError(f"{option}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+
+
+def check_positive_int(option: str, value: Any, minimum: int = 1) -> None:
+    """Raise unless `value` is an int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
+
+
+def check_int_pair(option: str, value: Any) -> tuple[int, int]:
+    """A pair (H, W) of positive ints as a tuple; raises for anything else."""
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ValueError(f"{option} must be a pair (H, W) of positive integers; got {value!r}")
+    for v in value:
+        check_positive_int(option, v)
+    return (int(value[0]), int(value[1]))
+
+
+def check_bool(option: str, value: Any) -> None:
+    """Raise unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be True or False; got {value!r}")
 
 
 def make_activation(name: str) -> nn.Module:

@@ -29,17 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import metrics
-from training.layers.attention import SelfAttentionBlock
-from training.layers.blocks import BLOCK_TYPES, build_block
-from training.layers.pooling import AdaptiveAvgPool2dExportable
-from training.models.base import ExportOp, config_to_dict
+from training.layers.blocks import BLOCK_TYPES
+from training.layers.v3_encoder_decoder import DECODER_LAST_CHANNELS, LATENT_GRID, Decoder, Encoder
+from training.models.base import ExportOp, OpModule, config_to_dict
 from training.registry import register_model
 
 LATENT_STRATEGIES = ("conv", "spatial")
 LATENT_SIZE_RANGE = (128, 8192)
-LATENT_GRID = 4                 # the encoder always pools its last feature map to 4×4
-DECODER_LAST_CHANNELS = 64      # original quirk: the decoder's last stage always outputs 64 channels
 LATENT_DROPOUT = 0.45
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,159 +155,6 @@ class AutoEncoderV3Config:
         return LATENT_GRID * 2 ** (self.num_stages + 1)
 
 
-class Encoder(nn.Module):
-    """Image (B, 1, H, W), any H/W → latent of `config.latent_shape`."""
-
-    def __init__(self, config: AutoEncoderV3Config) -> None:
-        super().__init__()
-        stem_channels = config.channel_config[0] // 2
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, stem_channels, kernel_size=7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(stem_channels),
-            nn.ReLU(),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        )
-        self.stages = nn.ModuleList()
-        channels = stem_channels
-        for block_type, out, stride in zip(config.block_config, config.channel_config, config.stride_config,
-                                           strict=True):
-            block = build_block(block_type, channels, out, stride)
-            self.stages.append(block)
-            channels = block.out_channels
-        self.final_channels = channels
-        self.attention = SelfAttentionBlock(channels, num_heads=4) if config.use_attention else None
-        pool = AdaptiveAvgPool2dExportable((LATENT_GRID, LATENT_GRID))
-        if config.latent_strategy == "conv":
-            self.latent_proj = nn.Sequential(
-                pool,
-                nn.Flatten(),
-                nn.Linear(channels * LATENT_GRID * LATENT_GRID, config.latent_size),
-                nn.ReLU(),
-            )
-        else:
-            self.latent_proj = nn.Sequential(
-                pool,
-                nn.Conv2d(channels, config.latent_channels, kernel_size=1, bias=False),
-                nn.BatchNorm2d(config.latent_channels),
-                nn.ReLU(),
-            )
-        self.latent_shape = config.latent_shape
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and stages: the map the attention looks at, (B, final_channels, h, w)."""
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def attention_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """Head-averaged attention (B, N, N) over the final map's N = h·w positions (row-major)."""
-        if self.attention is None:
-            raise RuntimeError("this model has no self-attention (use_attention=False)")
-        return self.attention.attend(self.features(x))[1]
-
-    def forward(self, x: torch.Tensor, record_attention: bool = True) -> torch.Tensor:
-        x = self.features(x)
-        if self.attention is not None:
-            x = self.attention(x, record=record_attention)
-        return self.latent_proj(x)
-
-
-class Decoder(nn.Module):
-    """Native latent → image (B, 1, H, W) at `config.input_size` (rendered square, then bilinear)."""
-
-    def __init__(self, config: AutoEncoderV3Config) -> None:
-        super().__init__()
-        blocks = list(reversed(config.block_config))
-        channels_r = list(reversed(config.channel_config))
-        start = channels_r[0]
-        if config.latent_strategy == "conv":
-            self.latent_unproj = nn.Sequential(
-                nn.Linear(config.latent_size, start * LATENT_GRID * LATENT_GRID),
-                nn.ReLU(),
-                nn.Unflatten(1, (start, LATENT_GRID, LATENT_GRID)),
-            )
-        else:
-            self.latent_unproj = nn.Sequential(
-                nn.Conv2d(config.latent_channels, start, kernel_size=1, bias=False),
-                nn.BatchNorm2d(start),
-                nn.ReLU(),
-            )
-        self.stages = nn.ModuleList()
-        channels = start
-        for block_type, out in zip(blocks, [*channels_r[1:], DECODER_LAST_CHANNELS], strict=True):
-            block = build_block(block_type, channels, out, stride=1)
-            self.stages.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), block))
-            channels = block.out_channels
-        self.head = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(channels, 32, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.Conv2d(32, 1, kernel_size=3, padding=1),
-            nn.Sigmoid(),
-        )
-        self.output_size = config.input_size
-        self.needs_resize = (config.rendered_size, config.rendered_size) != config.input_size
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        x = self.latent_unproj(latent)
-        for stage in self.stages:
-            x = stage(x)
-        x = self.head(x)
-        if self.needs_resize:
-            x = F.interpolate(x, size=self.output_size, mode="bilinear", align_corners=False)
-        return x
-
-
-class _EncodeOp(nn.Module):
-    """image (B, 1, H, W), any H/W → flat latent (B, D)."""
-
-    def __init__(self, model: AutoEncoderCNNV3) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)  # an exporter restoring the wrapper's mode must not flip the model's
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder(image, record_attention=False).flatten(1)
-
-
-class _DecodeOp(nn.Module):
-    """flat latent (B, D) → image (B, 1, H, W) at input_size."""
-
-    def __init__(self, model: AutoEncoderCNNV3) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)  # an exporter restoring the wrapper's mode must not flip the model's
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latent)
-
-
-class _ReconstructOp(nn.Module):
-    """image (B, 1, H, W) at input_size → reconstruction (B, 1, H, W)."""
-
-    def __init__(self, model: AutoEncoderCNNV3) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)  # an exporter restoring the wrapper's mode must not flip the model's
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder(self.model.encoder(image, record_attention=False))
-
-
-class _AttentionMatrixOp(nn.Module):
-    """image (B, 1, H, W) at input_size → head-averaged attention (B, N, N)."""
-
-    def __init__(self, model: AutoEncoderCNNV3) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)  # an exporter restoring the wrapper's mode must not flip the model's
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder.attention_matrix(image)
-
-
 class AutoEncoderCNNV3(nn.Module):
     """The V3 autoencoder. API of the original: `forward`, `Embedding`, `encode`, `decode`,
     `decode_from_latent`, `get_attention_matrix`, `get_attention_map`, `get_config`."""
@@ -337,15 +180,19 @@ class AutoEncoderCNNV3(nn.Module):
         """Latent in its native shape: (B, latent_size) or (B, Cz, 4, 4)."""
         return self.encoder(x)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, record_attention: bool = True) -> torch.Tensor:
         """Flat latent (B, latent_dim) for LSTMs; accepts any H/W."""
-        return self.encoder(x).flatten(1)
+        return self.encoder(x, record_attention=record_attention).flatten(1)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Image (B, 1, *input_size) from a flat (B, D) or native latent."""
         if self.config.latent_strategy == "spatial" and latent.ndim == 2:
             latent = latent.reshape(latent.shape[0], *self.config.latent_shape)
         return self.decoder(latent)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The served reconstruction: like `forward` without latent dropout or recorded attention."""
+        return self.decoder(self.encoder(x, record_attention=False))
 
     def decode_from_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Alias of `decode`."""
@@ -422,25 +269,25 @@ class AutoEncoderCNNV3(nn.Module):
         latent = torch.rand(batch_size, self.config.latent_dim)
         ops = [
             ExportOp(
-                name="encode", module=_EncodeOp(self), example_inputs=(image,),
+                name="encode", module=OpModule(self, "encode", record_attention=False), example_inputs=(image,),
                 input_names=["image"], output_names=["latent"], dynamic_hw=True,
                 check_shapes=[((batch_size + i % 2, 1, sh, sw),)
                               for i, (sh, sw) in enumerate(self.encode_check_sizes())],
             ),
             ExportOp(
-                name="decode", module=_DecodeOp(self), example_inputs=(latent,),
+                name="decode", module=OpModule(self, "decode"), example_inputs=(latent,),
                 input_names=["latent"], output_names=["image"],
                 check_shapes=[((batch_size + 1, self.config.latent_dim),)],
             ),
             ExportOp(
-                name="reconstruct", module=_ReconstructOp(self), example_inputs=(image,),
+                name="reconstruct", module=OpModule(self, "reconstruct"), example_inputs=(image,),
                 input_names=["image"], output_names=["reconstruction"],
                 check_shapes=[((batch_size + 1, 1, h, w),)],
             ),
         ]
         if self.config.use_attention:
             ops.append(ExportOp(
-                name="attention_matrix", module=_AttentionMatrixOp(self), example_inputs=(image,),
+                name="attention_matrix", module=OpModule(self.encoder, "attention_matrix"), example_inputs=(image,),
                 input_names=["image"], output_names=["attention"],
                 check_shapes=[((batch_size + 1, 1, h, w),)],
             ))
@@ -452,7 +299,7 @@ _ORIGINAL_ALIASES = {"DropOut": "dropout"}
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AutoEncoderV3Config))
 
 
-def _config_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+def config_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     """Original keyword names (e.g. `DropOut`) → config field names; unknown names raise."""
     out: dict[str, Any] = {}
     for key, value in values.items():
@@ -469,7 +316,7 @@ def preset_config(preset: str, input_size: tuple[int, int] | list[int] = (201, 2
     """Config of a preset ("tiny", "small", "medium", "large") with overrides applied."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **_config_kwargs(overrides), "input_size": tuple(input_size)}
+    values = {**PRESETS[preset], **config_kwargs(overrides), "input_size": tuple(input_size)}
     return AutoEncoderV3Config(**values)
 
 
@@ -477,38 +324,6 @@ def create_autoencoder(preset: str = "small", input_size: tuple[int, int] | list
                        **overrides: Any) -> AutoEncoderCNNV3:
     """The original factory: preset + (H, W) input size + overrides (original or config names)."""
     return AutoEncoderCNNV3(preset_config(preset, input_size, **overrides))
-
-
-def load_original(constructor_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> AutoEncoderCNNV3:
-    """Build from the original constructor arguments (`create_autoencoder` args with "preset", or the
-    class's own keyword arguments) and load an original state_dict. Key map: identity."""
-    args = dict(constructor_args)
-    if "preset" in args:
-        model = create_autoencoder(**args)
-    else:
-        model = AutoEncoderCNNV3(AutoEncoderV3Config(**_config_kwargs(args)))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-
-
-# --- training contract ------------------------------------------------------------------------
-def training_losses(model: AutoEncoderCNNV3, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MSE reconstruction loss of batch["image"] (B, 1, H, W) in [0, 1] at the model's input_size."""
-    image = batch["image"]
-    mse = F.mse_loss(model(image), image)
-    return {"loss": mse, "mse": mse.detach()}
-
-
-@torch.no_grad()
-def validation_metrics(model: AutoEncoderCNNV3, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """PSNR, SSIM (data range 1) and MSE of the reconstruction of batch["image"]."""
-    image = batch["image"]
-    recon = model(image)
-    return {
-        "psnr": float(metrics.psnr(recon, image, data_range=1.0)),
-        "ssim": float(metrics.ssim(recon, image, data_range=1.0)),
-        "mse": float(metrics.mse(recon, image)),
-    }
 
 
 # --- registered variants ----------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """What every family offers to the training loop, the exporter and the store.
 
 A family module defines a frozen config dataclass (its only constructor argument), the nn.Module,
-its capability methods, `export_ops()` and registered variants. The exporter and `training.store`
-only ever talk to a model through this protocol.
+its capability methods, `export_ops()` and registered variants; its training objective lives in
+`training.losses` and its original-checkpoint loader in `training.originals` (see
+`training.registry.FAMILIES`). An exported op is a model method wrapped in `OpModule`. The exporter
+and `training.store` only ever talk to a model through this protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -50,6 +53,39 @@ class Family(Protocol):
     def export_ops(self, batch_size: int = 2) -> list[ExportOp]: ...
 
     def preprocessing(self) -> dict[str, Any]: ...
+
+
+MAX_OP_INPUTS = 3
+
+
+class OpModule(nn.Module):
+    """Export adapter: `OpModule(model, "encode")(*inputs)` is `model.encode(*inputs, **kwargs)`.
+
+    The op's inputs are the method's required positional parameters (at most `MAX_OP_INPUTS`).
+    `forward` takes them as ordinary positional parameters, so torch.export, the ONNX exporter and
+    torch.fx (Conv-BN folding) see a plain signature with one dynamic-shape spec per input. It shares
+    the model's train/eval mode, so an exporter restoring the adapter's mode cannot flip the model's.
+    """
+
+    def __init__(self, model: nn.Module, method: str, **kwargs: Any) -> None:
+        super().__init__()
+        bound = getattr(model, method, None)
+        if not callable(bound):
+            raise AttributeError(f"{type(model).__name__} has no method {method!r}")
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.arity = sum(1 for p in inspect.signature(bound).parameters.values()
+                         if p.kind in positional and p.default is p.empty and p.name not in kwargs)
+        if self.arity > MAX_OP_INPUTS:
+            raise ValueError(f"{method} takes {self.arity} inputs; an op takes at most {MAX_OP_INPUTS}")
+        self.model = model
+        self.method = method
+        self.kwargs = kwargs
+        self.train(model.training)
+
+    def forward(self, input0: torch.Tensor | None = None, input1: torch.Tensor | None = None,
+                input2: torch.Tensor | None = None) -> Any:
+        inputs = (input0, input1, input2)[: self.arity]
+        return getattr(self.model, self.method)(*inputs, **self.kwargs)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""ConvDecoder family: a latent -> image convolutional decoder, and the VAE it is trained in.
+"""ConvDecoder family: a latent -> image convolutional decoder (the VAE it is trained in: `conv_vae`).
 
 `ConvDecoder` reproduces the decoder of ImageDGD (`adriansousapoza/ImageDGD@b1608a1`,
 `src/models/dgd.py`); see `/work/shared/reference/conv-decoder.md`. Shape of the network:
@@ -15,15 +15,6 @@ nominal height h0·2^(i+1) reaches `attention_resolution`. Deliberate difference
 never modified, every block gets its own activation module (the original shares one instance; the
 outputs of a loaded checkpoint are identical), and the final resize is decided from the size the
 layers really produce (the original compares a nominal size, which is the same for stride-2 defaults).
-
-`ConvVAE` wraps a ConvDecoder with a small strided-conv encoder (mean and log-variance heads), the
-reparameterisation trick and a KL term; it is the model the store serves
-(encode / decode / reconstruct / sample).
-
-Reconstruction likelihood (`reconstruction_loss`): "bce" = Bernoulli likelihood, binary cross-entropy
-summed over the pixels of an image (needs a [0, 1] output: sigmoid or hardsigmoid); "mse" = Gaussian
-likelihood with fixed unit variance up to constants, squared error summed over the pixels. Both and the
-KL term are sums per image, averaged over the batch, so `beta=1` is the standard ELBO.
 """
 
 from __future__ import annotations
@@ -35,13 +26,16 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from training.layers.attention import SelfAttention2d
 from training.layers.factories import (
     ACTIVATIONS,
     FINAL_ACTIVATIONS,
     NORMALIZATIONS,
+    check_bool,
     check_choice,
+    check_int_pair,
+    check_positive_int,
     final_activation_range,
     make_activation,
     make_final_activation,
@@ -51,29 +45,10 @@ from training.models.base import ExportOp, config_to_dict
 from training.registry import register_model
 
 UPSAMPLING_MODES: tuple[str, ...] = ("transpose", "bilinear", "nearest", "bicubic")
-RECONSTRUCTION_LOSSES: tuple[str, ...] = ("bce", "mse")
-
-
-def _positive_int(option: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
-
-
-def _int_pair(option: str, value: Any) -> tuple[int, int]:
-    if not isinstance(value, tuple | list) or len(value) != 2:
-        raise ValueError(f"{option} must be a pair (H, W) of positive integers; got {value!r}")
-    for v in value:
-        _positive_int(option, v)
-    return (int(value[0]), int(value[1]))
-
-
-def _check_bool(option: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{option} must be True or False; got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Configs
+# Config
 # --------------------------------------------------------------------------------------------------
 
 
@@ -112,25 +87,25 @@ class ConvDecoderConfig:
         # JSON/YAML give lists; the frozen config keeps tuples.
         if isinstance(self.hidden_dims, list | tuple):
             object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
-        object.__setattr__(self, "output_size", _int_pair("output_size", self.output_size))
+        object.__setattr__(self, "output_size", check_int_pair("output_size", self.output_size))
         if self.init_size is not None:
-            object.__setattr__(self, "init_size", _int_pair("init_size", self.init_size))
+            object.__setattr__(self, "init_size", check_int_pair("init_size", self.init_size))
         self._validate()
 
     def _validate(self) -> None:
-        _positive_int("latent_dim", self.latent_dim)
+        check_positive_int("latent_dim", self.latent_dim)
         if not isinstance(self.hidden_dims, tuple) or not self.hidden_dims:
             raise ValueError("hidden_dims must be a non-empty list of positive integers; "
                              f"got {self.hidden_dims!r}")
         for width in self.hidden_dims:
-            _positive_int("hidden_dims", width)
-        _positive_int("output_channels", self.output_channels)
-        _positive_int("kernel_size", self.kernel_size)
-        _positive_int("stride", self.stride)
-        _positive_int("padding", self.padding, minimum=0)
-        _positive_int("output_padding", self.output_padding, minimum=0)
+            check_positive_int("hidden_dims", width)
+        check_positive_int("output_channels", self.output_channels)
+        check_positive_int("kernel_size", self.kernel_size)
+        check_positive_int("stride", self.stride)
+        check_positive_int("padding", self.padding, minimum=0)
+        check_positive_int("output_padding", self.output_padding, minimum=0)
         for flag in ("bias", "use_spectral_norm", "use_self_attention"):
-            _check_bool(flag, getattr(self, flag))
+            check_bool(flag, getattr(self, flag))
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("final_activation", self.final_activation, FINAL_ACTIVATIONS)
@@ -138,8 +113,8 @@ class ConvDecoderConfig:
         if isinstance(self.dropout_rate, bool) or not isinstance(self.dropout_rate, int | float) \
                 or not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be a number in [0, 1); got {self.dropout_rate!r}")
-        _positive_int("attention_resolution", self.attention_resolution)
-        _positive_int("attention_heads", self.attention_heads)
+        check_positive_int("attention_resolution", self.attention_resolution)
+        check_positive_int("attention_heads", self.attention_heads)
         if self.upsampling_mode == "transpose" and self.output_padding >= self.stride:
             raise ValueError(f"output_padding={self.output_padding} must be smaller than "
                              f"stride={self.stride} with upsampling_mode='transpose'")
@@ -213,82 +188,9 @@ class ConvDecoderConfig:
         return final_activation_range(self.final_activation) or (0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class ConvVAEConfig:
-    """A ConvDecoder plus the encoder and loss settings of the VAE it is trained in.
-
-    The encoder is `len(encoder_channels)` blocks of conv3×3 stride 2 -> normalization -> activation
-    (the decoder's `normalization`/`activation`), then flatten and two linear heads (mean, log-variance).
-    Images are `decoder.output_channels` × `decoder.output_size`, with values in [0, 1].
-    """
-
-    decoder: ConvDecoderConfig = dataclasses.field(default_factory=ConvDecoderConfig)
-    encoder_channels: tuple[int, ...] = (32, 64, 128)
-    beta: float = 1.0
-    reconstruction_loss: str = "bce"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.decoder, dict):
-            object.__setattr__(self, "decoder", ConvDecoderConfig(**self.decoder))
-        if not isinstance(self.decoder, ConvDecoderConfig):
-            raise ValueError("decoder must be a ConvDecoderConfig or a dict of its fields; "
-                             f"got {self.decoder!r}")
-        if isinstance(self.encoder_channels, list | tuple):
-            object.__setattr__(self, "encoder_channels", tuple(self.encoder_channels))
-        if not isinstance(self.encoder_channels, tuple) or not self.encoder_channels:
-            raise ValueError(f"encoder_channels must be a non-empty list of positive integers; "
-                             f"got {self.encoder_channels!r}")
-        for width in self.encoder_channels:
-            _positive_int("encoder_channels", width)
-        if isinstance(self.beta, bool) or not isinstance(self.beta, int | float) or self.beta < 0:
-            raise ValueError(f"beta must be a number >= 0; got {self.beta!r}")
-        check_choice("reconstruction_loss", self.reconstruction_loss, RECONSTRUCTION_LOSSES)
-        final = self.decoder.final_activation
-        if self.reconstruction_loss == "bce" and final_activation_range(final) != (0.0, 1.0):
-            raise ValueError("reconstruction_loss='bce' needs outputs in [0, 1] (final_activation sigmoid "
-                             f"or hardsigmoid); got final_activation={final!r}; use 'mse'")
-
-    @property
-    def encoder_output_size(self) -> tuple[int, int]:
-        h, w = self.decoder.output_size
-        for _ in self.encoder_channels:
-            h, w = (h + 1) // 2, (w + 1) // 2   # conv3×3, stride 2, padding 1
-        return (h, w)
-
-
 # --------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------
-
-
-class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the H·W positions with a plain residual (original layout).
-
-    `query`/`key`/`value`/`proj_out` are conv1×1 C->C with bias; channel `head·d + j` belongs to head
-    `head` (d = C / heads); softmax(qᵀk · d^-0.5) over the keys; output = x + proj_out(attention).
-    Uses `scaled_dot_product_attention`, so eager runs never hold the (N, N) matrix where a fused
-    kernel exists.
-    """
-
-    def __init__(self, channels: int, heads: int = 8) -> None:
-        super().__init__()
-        if channels % heads:
-            raise ValueError(f"SelfAttention2d needs channels ({channels}) divisible by heads ({heads})")
-        self.heads = heads
-        self.query = nn.Conv2d(channels, channels, 1)
-        self.key = nn.Conv2d(channels, channels, 1)
-        self.value = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def _split(self, t: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W) -> (B, heads, N, d)
-        return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(-2, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-        out = F.scaled_dot_product_attention(q, k, v)                  # (B, heads, N, d)
-        out = out.transpose(-2, -1).flatten(1, 2).unflatten(2, x.shape[-2:])
-        return x + self.proj_out(out)
 
 
 def _upsample(mode: str) -> nn.Upsample:
@@ -435,263 +337,7 @@ class ConvDecoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# ConvVAE
-# --------------------------------------------------------------------------------------------------
-
-
-class _EncodeMean(nn.Module):
-    """Export wrapper: image -> posterior mean (B, D)."""
-
-    def __init__(self, vae: ConvVAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(image)
-
-
-class _Reconstruct(nn.Module):
-    """Export wrapper: image -> decode(posterior mean)."""
-
-    def __init__(self, vae: ConvVAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.vae.reconstruct(image)
-
-
-class ConvVAE(nn.Module):
-    """Variational autoencoder whose decoder is a ConvDecoder (the served conv-decoder model)."""
-
-    family: ClassVar[str] = "conv-decoder"
-
-    def __init__(self, config: ConvVAEConfig) -> None:
-        super().__init__()
-        self.config = config
-        dec = config.decoder
-        layers: list[nn.Module] = []
-        in_channels = dec.output_channels
-        for width in config.encoder_channels:
-            conv = nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=dec.normalization == "none")
-            layers += [conv, make_norm2d(dec.normalization, width), make_activation(dec.activation)]
-            in_channels = width
-        self.encoder = nn.Sequential(*layers)
-        eh, ew = config.encoder_output_size
-        self.fc_mu = nn.Linear(in_channels * eh * ew, dec.latent_dim)
-        self.fc_logvar = nn.Linear(in_channels * eh * ew, dec.latent_dim)
-        self.decoder = ConvDecoder(dec)
-
-    @property
-    def latent_dim(self) -> int:
-        return self.config.decoder.latent_dim
-
-    # ---- computation ----
-
-    def encode_stats(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image (B, C, H, W) in [0, 1] -> posterior mean and log-variance, each (B, latent_dim)."""
-        features = self.encoder(image).flatten(1)
-        return self.fc_mu(features), self.fc_logvar(features)
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """The posterior mean (deterministic embedding)."""
-        return self.encode_stats(image)[0]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-    def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(image))
-
-    @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, mu, logvar); z is sampled in training mode and the mean in eval mode."""
-        mu, logvar = self.encode_stats(image)
-        z = self.reparameterize(mu, logvar) if self.training else mu
-        return self.decode(z), mu, logvar
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.decoder.sample(n, generator)
-
-    def to_output_range(self, image: torch.Tensor) -> torch.Tensor:
-        """Map a [0, 1] image to the decoder's output range (the reconstruction target)."""
-        lo, hi = self.config.decoder.output_range
-        return image * (hi - lo) + lo
-
-    # ---- family protocol ----
-
-    def get_config(self) -> dict[str, Any]:
-        return config_to_dict(self.config)
-
-    def capabilities(self) -> list[str]:
-        return ["encode", "decode", "reconstruct", "sample"]
-
-    def preprocessing(self) -> dict[str, Any]:
-        dec = self.config.decoder
-        return {"channels": dec.output_channels, "input_size": list(dec.output_size), "resize": "bilinear",
-                "output_range": list(dec.output_range)}
-
-    def sampler_spec(self) -> dict[str, Any]:
-        return {"kind": "prior_gaussian", "latent_dim": self.latent_dim}
-
-    def export_module(self) -> ConvVAE:
-        """An eval-mode copy with spectral norm folded into plain weights (what gets exported)."""
-        decoder = dataclasses.replace(self.config.decoder, use_spectral_norm=False)
-        plain = ConvVAE(dataclasses.replace(self.config, decoder=decoder))
-        plain.load_state_dict(materialized_state_dict(self))
-        return plain.to(self.fc_mu.weight.device).eval()
-
-    def export_ops(self, batch_size: int = 2) -> list[ExportOp]:
-        frozen = self.export_module()
-        dec = self.config.decoder
-        device = frozen.fc_mu.weight.device
-        image = (dec.output_channels, *dec.output_size)
-        d = dec.latent_dim
-        images = torch.rand(batch_size, *image, device=device)
-        other_batches = [1, batch_size + 3]
-        return [
-            ExportOp(name="encode", module=_EncodeMean(frozen).eval(), example_inputs=(images,),
-                     input_names=["image"], output_names=["latent"],
-                     check_shapes=[((b, *image),) for b in other_batches]),
-            ExportOp(name="decode", module=frozen.decoder,
-                     example_inputs=(torch.randn(batch_size, d, device=device),),
-                     input_names=["latent"], output_names=["image"],
-                     check_shapes=[((b, d),) for b in other_batches]),
-            ExportOp(name="reconstruct", module=_Reconstruct(frozen).eval(), example_inputs=(images,),
-                     input_names=["image"], output_names=["reconstruction"],
-                     check_shapes=[((b, *image),) for b in other_batches]),
-        ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Training contract
-# --------------------------------------------------------------------------------------------------
-
-
-def _reconstruction_loss(model: ConvVAE, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood summed over the pixels of each image, averaged over the batch.
-
-    Computed in float32 outside autocast (binary_cross_entropy refuses to autocast, and sums of
-    thousands of pixels need the precision).
-    """
-    with torch.autocast(device_type=recon.device.type, enabled=False):
-        recon, target = recon.float(), target.float()
-        if model.config.reconstruction_loss == "bce":
-            per_batch = F.binary_cross_entropy(recon, target, reduction="sum")
-        else:
-            per_batch = F.mse_loss(recon, target, reduction="sum")
-    return per_batch / recon.shape[0]
-
-
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the latent, averaged over the batch."""
-    mu, logvar = mu.float(), logvar.float()
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum() / mu.shape[0]
-
-
-def _require_vae(model: nn.Module) -> ConvVAE:
-    if not isinstance(model, ConvVAE):
-        raise TypeError(f"the conv-decoder family trains as a ConvVAE; got {type(model).__name__} "
-                        "(build it with create_model('conv_decoder_vae'))")
-    return model
-
-
-def training_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{"loss": recon + beta * kl, "recon", "kl"} for a batch {"image": (B, C, H, W) in [0, 1]}."""
-    vae = _require_vae(model)
-    image = batch["image"]
-    recon, mu, logvar = vae(image)
-    rec = _reconstruction_loss(vae, recon, vae.to_output_range(image))
-    kl = kl_divergence(mu, logvar)
-    return {"loss": rec + vae.config.beta * kl, "recon": rec.detach(), "kl": kl.detach()}
-
-
-@torch.no_grad()
-def validation_metrics(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """psnr/ssim/mse of decode(mean) against the image, and the deterministic loss terms.
-
-    "loss" = recon(decode(mu)) + beta * kl, i.e. the training objective with z at the posterior mean,
-    so it is free of sampling noise.
-    """
-    from training.metrics import mse, psnr, ssim
-
-    vae = _require_vae(model)
-    was_training = vae.training
-    vae.eval()
-    try:
-        image = batch["image"]
-        mu, logvar = vae.encode_stats(image)
-        recon = vae.decode(mu)
-    finally:
-        vae.train(was_training)
-    target = vae.to_output_range(image)
-    lo, hi = vae.config.decoder.output_range
-    rec = _reconstruction_loss(vae, recon, target)
-    kl = kl_divergence(mu, logvar)
-    smallest_side = min(image.shape[-2:])
-    window = 11 if smallest_side >= 11 else (smallest_side - 1) // 2 * 2 + 1  # odd window that fits
-    return {
-        "loss": float(rec + vae.config.beta * kl),
-        "recon": float(rec),
-        "kl": float(kl),
-        "mse": float(mse(recon, target)),
-        "psnr": float(psnr(recon, target, data_range=hi - lo)),
-        "ssim": float(ssim(recon, target, data_range=hi - lo, window=window)),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Original checkpoints
-# --------------------------------------------------------------------------------------------------
-
-_ORIGINAL_ONLY_ARGS = ("use_batch_norm",)
-
-
-def config_from_original(constructor_args: dict[str, Any]) -> ConvDecoderConfig:
-    """Map the original `ConvDecoder(**kwargs)` arguments onto a ConvDecoderConfig.
-
-    `use_batch_norm=False` with normalization 'batch' means 'none'; normalization 'spectral' (accepted
-    by the original) means no normalization and, by the bias rule, bias-free convolutions.
-    """
-    args = dict(constructor_args)
-    use_batch_norm = args.pop("use_batch_norm", True)
-    normalization = args.get("normalization", "batch")
-    if normalization == "batch" and not use_batch_norm:
-        normalization = "none"
-    if normalization == "spectral":
-        normalization = "none"
-        args["bias"] = False
-    args["normalization"] = normalization
-    known = {f.name for f in dataclasses.fields(ConvDecoderConfig)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unsupported original ConvDecoder arguments: {', '.join(unknown)}")
-    return ConvDecoderConfig(**args)
-
-
-def _map_original_key(key: str) -> str:
-    """Original spectral-norm hook names -> parametrization names; everything else is unchanged."""
-    for suffix, ours in (("weight_orig", "parametrizations.weight.original"),
-                         ("weight_u", "parametrizations.weight.0._u"),
-                         ("weight_v", "parametrizations.weight.0._v")):
-        if key.endswith("." + suffix):
-            return key[: -len(suffix)] + ours
-    return key
-
-
-def load_original(constructor_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> ConvDecoder:
-    """Build a ConvDecoder from the original constructor args and load the original state_dict strictly."""
-    model = ConvDecoder(config_from_original(constructor_args))
-    model.load_state_dict({_map_original_key(k): v for k, v in state_dict.items()}, strict=True)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------------------
-# Registered variants: the four recommended configurations of the hyperparameter document, and the VAE
+# Registered variants: the four recommended configurations of the hyperparameter document
 # --------------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -711,29 +357,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 normalization="none", use_spectral_norm=True, upsampling_mode="transpose"),
 }
 
-# The served VAE's decoder: small enough to train on a CPU. init_size is chosen so the network renders
-# just above the target (4·2³ = 32 for 28×28, 5·2³ = 40 for 32×32) instead of twice its size; batch
-# norm learned clearly faster than group norm in short runs on the patch data (same step count).
-VAE_DECODER = dict(latent_dim=32, hidden_dims=(64, 32, 16), output_size=(28, 28), init_size=(4, 4),
-                   activation="leaky_relu", final_activation="sigmoid", normalization="batch",
-                   upsampling_mode="bilinear")
-VAE_DECODER_32 = {**VAE_DECODER, "output_size": (32, 32), "init_size": (5, 5)}
-
 
 def _decoder(preset: dict[str, Any], overrides: dict[str, Any]) -> ConvDecoder:
     return ConvDecoder(ConvDecoderConfig(**{**preset, **overrides}))
-
-
-def _vae(decoder_preset: dict[str, Any], overrides: dict[str, Any]) -> ConvVAE:
-    """Overrides may name VAE fields, a whole `decoder` (dict or config) or single decoder fields."""
-    vae_fields = {f.name for f in dataclasses.fields(ConvVAEConfig)} - {"decoder"}
-    decoder = overrides.pop("decoder", None)
-    if isinstance(decoder, ConvDecoderConfig):
-        decoder = config_to_dict(decoder)
-    decoder_args = {**decoder_preset, **(decoder or {})}
-    vae_args = {k: overrides.pop(k) for k in list(overrides) if k in vae_fields}
-    decoder_args.update(overrides)
-    return ConvVAE(ConvVAEConfig(decoder=ConvDecoderConfig(**decoder_args), **vae_args))
 
 
 @register_model("conv_decoder_fashion_mnist")
@@ -754,15 +380,3 @@ def conv_decoder_high_res(**overrides: Any) -> ConvDecoder:
 @register_model("conv_decoder_gan")
 def conv_decoder_gan(**overrides: Any) -> ConvDecoder:
     return _decoder(PRESETS["gan"], overrides)
-
-
-@register_model("conv_decoder_vae")
-def conv_decoder_vae(**overrides: Any) -> ConvVAE:
-    """The served VAE at 28×28 (see `conv_decoder_vae_32` for 32×32)."""
-    return _vae(VAE_DECODER, overrides)
-
-
-@register_model("conv_decoder_vae_32")
-def conv_decoder_vae_32(**overrides: Any) -> ConvVAE:
-    """The served VAE at 32×32."""
-    return _vae(VAE_DECODER_32, overrides)

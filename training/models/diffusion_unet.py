@@ -14,9 +14,7 @@ live in `training.schedules`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,16 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from training.metrics import psnr
-from training.models.base import ExportOp, config_to_dict
+from training.layers.embeddings import MetaEmbedding, TimeEmbedding
+from training.models.base import ExportOp, OpModule, config_to_dict
 from training.registry import register_model
-from training.schedules import BETA_SCHEDULES, NoiseSchedule, ddim_sample, make_schedule, q_sample
+from training.schedules import BETA_SCHEDULES, NoiseSchedule, ddim_sample, make_schedule
 
 # Slots of the condition vector v_meta, in order (ids are floats truncated to integers).
 CONDITION_KEYS = ("goal", "format", "tone")
-# Fixed timesteps and noise seed of `validation_metrics` (comparable across epochs).
-VALIDATION_TIMESTEPS = (50, 250, 500, 750, 950)
-VALIDATION_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -101,54 +96,6 @@ class DiffusionUNetConfig:
         if unknown:
             raise ValueError(f"unknown DiffusionUNetConfig fields {unknown}; allowed: {sorted(known)}")
         return cls(**values)
-
-
-# ------------------------------------------------------------------------------------- embeddings
-
-
-class SinusoidalPositionEmbeddings(nn.Module):
-    """[sin(t·f_0 … t·f_{h−1}), cos(t·f_0 … t·f_{h−1})], f_k = exp(−k·ln(10000)/(h−1)), h = dim/2."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, time: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        scale = math.log(10000) / (half - 1)
-        freqs = torch.exp(torch.arange(half, device=time.device) * -scale)
-        args = time.to(torch.float32)[:, None] * freqs[None, :]
-        return torch.cat([args.sin(), args.cos()], dim=-1)
-
-
-class TimeEmbedding(nn.Module):
-    """Sinusoidal -> Linear -> SiLU -> Linear."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.time_embedding = SinusoidalPositionEmbeddings(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.time_embedding(t))
-
-
-class MetaEmbedding(nn.Module):
-    """v_meta (B, 3) = (goal id, format id, tone) -> (B, dim): goal ‖ format ‖ tone-MLP -> MLP."""
-
-    def __init__(self, n_goal_classes: int, n_format_classes: int, dim: int) -> None:
-        super().__init__()
-        quarter = dim // 4
-        self.goal_embedding = nn.Embedding(n_goal_classes, quarter)
-        self.format_embedding = nn.Embedding(n_format_classes, quarter)
-        self.tone_mlp = nn.Sequential(nn.Linear(1, quarter), nn.SiLU(), nn.Linear(quarter, quarter))
-        self.projection = nn.Sequential(nn.Linear(3 * quarter, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, v_meta: torch.Tensor) -> torch.Tensor:
-        goal = self.goal_embedding(v_meta[:, 0].long())
-        fmt = self.format_embedding(v_meta[:, 1].long())
-        tone = self.tone_mlp(v_meta[:, 2:3])
-        return self.projection(torch.cat([goal, fmt, tone], dim=-1))
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -293,6 +240,18 @@ class DiffusionUNet(nn.Module):
 
     denoise = forward
 
+    def denoise_clamped(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The served `denoise` op: ids are truncated and clamped into range, t into [0, T−1].
+
+        Clamping makes arbitrary inputs (e.g. random parity-check tensors) safe for the embedding
+        gathers; for valid inputs it is the identity, so eager parity with the model holds.
+        """
+        c = self.config
+        goal = condition[:, 0:1].long().clamp(0, c.n_goal_classes - 1).to(condition.dtype)
+        fmt = condition[:, 1:2].long().clamp(0, c.n_format_classes - 1).to(condition.dtype)
+        v_meta = torch.cat([goal, fmt, condition[:, 2:3]], dim=1)
+        return self(x_t, t.long().clamp(0, c.num_train_timesteps - 1), v_meta)
+
     # ------------------------------------------------------------------------------ capabilities
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -345,131 +304,11 @@ class DiffusionUNet(nn.Module):
         condition = torch.stack([goal.float(), fmt.float(), tone], dim=1)
         other = batch_size + 1
         return [ExportOp(
-            name="denoise", module=DenoiseOp(self).eval(), example_inputs=(x_t, t, condition),
+            name="denoise", module=OpModule(self, "denoise_clamped").eval(), example_inputs=(x_t, t, condition),
             input_names=["x_t", "t", "condition"], output_names=["eps"],
             check_shapes=[((other, c.in_channels, size, size), (other,), (other, len(CONDITION_KEYS))),
                           ((1, c.in_channels, size, size), (1,), (1, len(CONDITION_KEYS)))],
         )]
-
-
-class DenoiseOp(nn.Module):
-    """The served `denoise` op: ids are truncated and clamped into range, t into [0, T−1].
-
-    Clamping makes arbitrary inputs (e.g. random parity-check tensors) safe for the embedding
-    gathers; for valid inputs it is the identity, so eager parity with the model holds.
-    """
-
-    def __init__(self, model: DiffusionUNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        c = self.model.config
-        goal = condition[:, 0:1].long().clamp(0, c.n_goal_classes - 1).to(condition.dtype)
-        fmt = condition[:, 1:2].long().clamp(0, c.n_format_classes - 1).to(condition.dtype)
-        v_meta = torch.cat([goal, fmt, condition[:, 2:3]], dim=1)
-        return self.model(x_t, t.long().clamp(0, c.num_train_timesteps - 1), v_meta)
-
-
-# ------------------------------------------------------------------------------- training contract
-
-
-def training_losses(model: DiffusionUNet, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ε-prediction MSE with t ~ U{0 … T−1} and ε ~ N(0, I) from the global generator."""
-    image = batch["image"]
-    condition = batch.get("condition")
-    schedule = model.noise_schedule().to(image.device)
-    t = torch.randint(0, schedule.num_train_timesteps, (image.shape[0],), device=image.device)
-    noise = torch.randn_like(image)
-    eps = model(q_sample(schedule, image, t, noise), t, condition)
-    loss = F.mse_loss(eps, noise)
-    return {"loss": loss, "eps_mse": loss.detach()}
-
-
-@torch.no_grad()
-def validation_metrics(model: DiffusionUNet, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """ε-MSE at the fixed timesteps VALIDATION_TIMESTEPS with noise from a fixed-seed generator.
-
-    Also the PSNR (data range 2) of the x̂_0 implied by the prediction. Runs in eval mode.
-    """
-    image = batch["image"]
-    condition = batch.get("condition")
-    schedule = model.noise_schedule().to(image.device)
-    generator = torch.Generator().manual_seed(VALIDATION_SEED)
-    was_training = model.training
-    model.eval()
-    metrics: dict[str, float] = {}
-    total, total_psnr = 0.0, 0.0
-    try:
-        for step in VALIDATION_TIMESTEPS:
-            noise = torch.randn(image.shape, generator=generator).to(image.device)
-            t = torch.full((image.shape[0],), step, dtype=torch.long, device=image.device)
-            x_t = q_sample(schedule, image, t, noise)
-            eps = model(x_t, t, condition)
-            value = F.mse_loss(eps, noise).item()
-            alpha_bar = schedule.alphas_cumprod[step]
-            x0 = ((x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
-            metrics[f"eps_mse_t{step}"] = value
-            total += value
-            total_psnr += psnr(x0, image, data_range=2.0).item()
-    finally:
-        model.train(was_training)
-    metrics["eps_mse"] = total / len(VALIDATION_TIMESTEPS)
-    metrics["x0_psnr"] = total_psnr / len(VALIDATION_TIMESTEPS)
-    return metrics
-
-
-def sample_grid_png(model: DiffusionUNet, schedule: NoiseSchedule | None, conditions: torch.Tensor,
-                    path: str | Path, steps: int = 50, seed: int = 0, eta: float = 0.0,
-                    nrow: int | None = None) -> Path:
-    """DDIM-sample one image per condition row and write them as a PNG grid (1-pixel gaps)."""
-    from PIL import Image
-
-    c = model.config
-    schedule = schedule or model.noise_schedule()
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    n = conditions.shape[0]
-    x_T = torch.randn((n, c.in_channels, c.image_size, c.image_size), generator=generator).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        images = ddim_sample(model, x_T, conditions.to(device), steps, eta, True,
-                             schedule=schedule.to(device), generator=generator)
-    finally:
-        model.train(was_training)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    channels, size = pixels.shape[1], c.image_size
-    grid = torch.full((channels, rows * (size + 1) + 1, nrow * (size + 1) + 1), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        top, left = 1 + r * (size + 1), 1 + col * (size + 1)
-        grid[:, top:top + size, left:left + size] = pixels[i]
-    array = grid.permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[:, :, 0] if channels == 1 else array).save(path)
-    return path
-
-
-# --------------------------------------------------------------------------------------- originals
-
-_ORIGINAL_ARG_NAMES = {"use_gradient_checkpointing": "gradient_checkpointing"}
-
-
-def config_from_original(constructor_args: dict[str, Any], **extra: Any) -> DiffusionUNetConfig:
-    """Our config from the original `ConditionalUNet(**constructor_args)` (+ our own fields)."""
-    values = {_ORIGINAL_ARG_NAMES.get(k, k): v for k, v in constructor_args.items()}
-    return DiffusionUNetConfig.from_dict({**values, **extra})
-
-
-def load_original(constructor_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> DiffusionUNet:
-    """Build from the original constructor args and load its state_dict (same keys) strictly."""
-    model = DiffusionUNet(config_from_original(constructor_args))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------- variants

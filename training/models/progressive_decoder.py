@@ -19,11 +19,9 @@ Training learns from measurements: ``loss = ||A(model()) - measurement||²`` for
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -32,10 +30,8 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
-from training.forward_operators import operator_from_batch
-from training.layers.crop_pad import CropPad
-from training.metrics import mse, psnr, ssim
-from training.models.base import ExportOp, config_to_dict
+from training.layers.progressive import build_decoder, initialize_weights, no_bn_update_on_recompute
+from training.models.base import ExportOp, OpModule, config_to_dict
 from training.registry import register_model
 
 OUTPUT_ACTIVATIONS: dict[str, tuple[float, float]] = {
@@ -193,53 +189,6 @@ class NetworkConfig:
         )
 
 
-def _hidden_activation(name: str) -> nn.Module:
-    factories = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "gelu": nn.GELU, "silu": nn.SiLU}
-    return factories[name]()
-
-
-def _output_activation(name: str) -> nn.Module:
-    factories = {
-        "sigmoid": nn.Sigmoid,
-        "tanh": nn.Tanh,
-        "relu": lambda: nn.ReLU(inplace=True),
-        "leaky": lambda: nn.LeakyReLU(0.2),
-        "hardsigmoid": nn.Hardsigmoid,
-        "none": nn.Identity,
-    }
-    return factories[name]()
-
-
-def _build_decoder(config: ProgressiveDecoderConfig, arch: ResolvedArchitecture) -> nn.Sequential:
-    """PRISM's layer order, one Sequential entry per module (ReLUs count in the indices)."""
-    progression, n, bn = arch.channel_progression, arch.num_upsample_layers, config.use_bn
-    layers: list[nn.Module] = [
-        nn.ConvTranspose2d(arch.latent_channels, progression[0], 4, stride=1, padding=0, bias=not bn)]
-    if bn:
-        layers.append(nn.BatchNorm2d(progression[0]))
-    layers.append(_hidden_activation(config.activation))
-    for i in range(n):
-        layers.append(nn.ConvTranspose2d(progression[i], progression[i + 1], 4, stride=2, padding=1,
-                                         bias=not bn))
-        if bn:
-            layers.append(nn.BatchNorm2d(progression[i + 1]))
-        layers.append(_hidden_activation(config.activation))
-    last = len(progression) - 1
-    for i in range(n + 1, len(progression)):
-        out_channels = progression[i]
-        final = i == last
-        normed = bn and out_channels > 1 and not final
-        layers.append(nn.Conv2d(progression[i - 1], out_channels, 3, stride=1, padding=0 if final else 1,
-                                bias=out_channels == 1 or not normed))
-        if normed:
-            layers.append(nn.BatchNorm2d(out_channels))
-            layers.append(_hidden_activation(config.activation))
-    layers.append(_output_activation(config.output_activation))
-    layers.append(CropPad(arch.output_size))
-    layers.append(CropPad(arch.input_size))
-    return nn.Sequential(*layers)
-
-
 class ProgressiveDecoder(nn.Module):
     """Decoder-only generator: learnable latent → progressive ×2 upsampling → one image."""
 
@@ -256,8 +205,8 @@ class ProgressiveDecoder(nn.Module):
             warnings.warn(f"output_size={self.arch.output_size} is not a power of 2", UserWarning,
                           stacklevel=2)
         self.input_vec = nn.Parameter(torch.randn(1, self.arch.latent_channels, 1, 1))
-        self.decoder = _build_decoder(config, self.arch)
-        self._initialize(config.init_method)
+        self.decoder = build_decoder(config, self.arch)
+        initialize_weights(self.decoder, config.init_method)
         self._checkpoint_segments = 0
         self.fused = False
 
@@ -284,22 +233,6 @@ class ProgressiveDecoder(nn.Module):
             config = ProgressiveDecoderConfig.from_dict(config)
         return cls(config)
 
-    def _initialize(self, method: str) -> None:
-        if method == "default":
-            return
-        for module in self.decoder.modules():
-            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-                if method == "xavier":
-                    nn.init.xavier_uniform_(module.weight)
-                elif method == "kaiming":
-                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                elif method == "orthogonal":
-                    nn.init.orthogonal_(module.weight)
-                elif method == "normal":
-                    nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
     # ----------------------------------------------------------------- computation
     def _decode(self) -> torch.Tensor:
         if self._checkpoint_segments and self.training and torch.is_grad_enabled():
@@ -311,7 +244,7 @@ class ProgressiveDecoder(nn.Module):
         layers = list(self.decoder)
         size = math.ceil(len(layers) / self._checkpoint_segments)
         segments = [nn.Sequential(*layers[i:i + size]) for i in range(0, len(layers), size)]
-        context_fn = _no_bn_update_on_recompute(self)
+        context_fn = no_bn_update_on_recompute(self)
         x = self.input_vec
         for segment in segments[:-1]:
             x = checkpoint(segment, x, use_reentrant=False, context_fn=context_fn)
@@ -323,6 +256,10 @@ class ProgressiveDecoder(nn.Module):
             with torch.autocast("cuda", dtype=torch.float16):
                 return self._decode()
         return self._decode()
+
+    def render(self) -> torch.Tensor:
+        """The exported image: one plain decoder pass (no autocast, no checkpointing)."""
+        return self.decoder(self.input_vec)
 
     def generate_fp32(self) -> torch.Tensor:
         """Render in float32 with autocast disabled, whatever `use_amp` says."""
@@ -430,100 +367,8 @@ class ProgressiveDecoder(nn.Module):
 
         `batch_size` does not apply: the model renders exactly one image.
         """
-        return [ExportOp(name="decode", module=RenderImage(self), example_inputs=(), input_names=[],
+        return [ExportOp(name="decode", module=OpModule(self, "render"), example_inputs=(), input_names=[],
                          output_names=["image"], dynamic_hw=False, check_shapes=[])]
-
-
-class RenderImage(nn.Module):
-    """Export wrapper: ``forward() -> model image`` in float32, no inputs."""
-
-    def __init__(self, model: ProgressiveDecoder) -> None:
-        super().__init__()
-        self.model = model
-        self.train(model.training)
-
-    def forward(self) -> torch.Tensor:
-        return self.model.decoder(self.model.input_vec)
-
-
-def _no_bn_update_on_recompute(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
-    """checkpoint `context_fn`: BatchNorm running stats are updated in forward but not again in the
-    backward recomputation (momentum 0 leaves them unchanged)."""
-
-    @contextlib.contextmanager
-    def frozen_stats() -> Iterator[None]:
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                 for m in norms]
-        for m in norms:
-            m.momentum = 0.0
-        try:
-            yield
-        finally:
-            for m, (momentum, tracked) in zip(norms, saved, strict=True):
-                m.momentum = momentum
-                if tracked is not None:
-                    m.num_batches_tracked.copy_(tracked)
-
-    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), frozen_stats()
-
-    return context_fn
-
-
-# --------------------------------------------------------------------- training contract
-def training_losses(model: ProgressiveDecoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``loss = mean |A(model()) - measurement|²`` (A from the batch) + logged object MSE."""
-    operator = operator_from_batch(batch)
-    image = model()
-    predicted = operator(image.float())
-    loss = (predicted - batch["measurement"]).pow(2).mean()
-    with torch.no_grad():
-        obj = operator.object_of(image.float())
-        object_mse = (obj - batch["target"]).pow(2).mean()
-    return {"loss": loss, "data_mse": loss.detach(), "object_mse": object_mse}
-
-
-@torch.no_grad()
-def validation_metrics(model: ProgressiveDecoder, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """PSNR / SSIM / MSE of the rendered object region against the true object, plus the data misfit."""
-    operator = operator_from_batch(batch)
-    image = model.generate_fp32()
-    target = batch["target"].float()
-    obj = operator.object_of(image).expand_as(target)
-    if operator.twin_ambiguous and mse(obj.flip(-1, -2), target) < mse(obj, target):
-        obj = obj.flip(-1, -2)  # |F x| cannot tell x from its 180° twin: score the better orientation
-    low, high = model.output_range()
-    data_range = high - low
-    window = min(11, target.shape[-1] - (1 - target.shape[-1] % 2))
-    data_mse = (operator(image) - batch["measurement"]).pow(2).mean()
-    return {
-        "psnr": float(psnr(obj, target, data_range=data_range)),
-        "ssim": float(ssim(obj, target, data_range=data_range, window=window)) if window >= 3 else math.nan,
-        "mse": float(mse(obj, target)),
-        "data_mse": float(data_mse),
-    }
-
-
-# --------------------------------------------------------------------- original checkpoints
-_DEPRECATED_ARGS = {"use_leaky": True, "middle_activation": "tanh", "complex_data": False}
-
-
-def load_original(constructor_args: dict[str, Any],
-                  state_dict: dict[str, torch.Tensor]) -> ProgressiveDecoder:
-    """Build from PRISM's constructor arguments and load its state_dict (``.main.`` of the BN wrapper
-    dropped), strictly; eval mode."""
-    args = dict(constructor_args)
-    for name, default in _DEPRECATED_ARGS.items():
-        if name in args and args.pop(name) != default:
-            warnings.warn(f"{name} is ignored by ProgressiveDecoder (deprecated in PRISM)",
-                          DeprecationWarning, stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = ProgressiveDecoder.create(**args)
-    mapped = {key.replace(".main.", "."): value for key, value in state_dict.items()}
-    model.load_state_dict(mapped, strict=True)
-    return model.eval()
 
 
 # --------------------------------------------------------------------- registered variants

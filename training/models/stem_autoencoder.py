@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.metrics import mse, psnr, ssim
-from training.models.base import ExportOp, config_to_dict
+from training.losses.stem_autoencoder import compute_loss
+from training.models.base import ExportOp, OpModule, config_to_dict
 from training.registry import register_model
 
 FAMILY = "stem-autoencoder"
@@ -40,8 +40,6 @@ EMBED_GRID = 4             # the encoder's final adaptive pool: 4x4 = 16 embeddi
 DECODER_SEED_SIZE = 4      # decoder starts from (channels, 4, 4)
 DECODER_UP_FACTOR = 4      # each of the three decoder up blocks upsamples by this
 DECODER_RENDER_SIZE = DECODER_SEED_SIZE * DECODER_UP_FACTOR**3   # 256
-CONTRASTIVE_MARGIN = 1.0
-DIVERGENCE_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class StemAutoencoderConfig:
     out_shape:   (H, W) the model is used at; the decoder resamples to T x T with T = max(out_shape)
                  and this is the service's input size. It changes no parameter.
     channels:    trunk width (original: 128); conv_input and conv_post use channels // 2.
-    lambda_act, lambda_sim, lambda_div: loss weights used by `training_losses` (the defaults of the
+    lambda_act, lambda_sim, lambda_div: loss weights of `training.losses.stem_autoencoder` (the defaults of the
                  original `compute_loss`).
     """
 
@@ -271,70 +269,7 @@ class Decoder(nn.Module):
         return x
 
 
-# ------------------------------------------------------------------------------------------ losses
-
-
-def contrastive_loss(z: torch.Tensor, margin: float = CONTRASTIVE_MARGIN) -> torch.Tensor:
-    """Mean over pairs i < j of ReLU(cos(z_i, z_j) - margin); 0 for a batch of one."""
-    batch = z.shape[0]
-    if batch < 2:
-        return z.new_zeros(())
-    normed = F.normalize(z, p=2, dim=1)
-    similarity = normed @ normed.t()
-    rows, cols = torch.triu_indices(batch, batch, offset=1, device=z.device)
-    return F.relu(similarity[rows, cols] - margin).mean()
-
-
-def divergence_loss(z: torch.Tensor, eps: float = DIVERGENCE_EPS) -> torch.Tensor:
-    """Mean over latent dims of 1 / (unbiased batch variance + eps).
-
-    The original returns NaN for a batch of one (unbiased variance of one sample); here it is 0.
-    """
-    if z.shape[0] < 2:
-        return z.new_zeros(())
-    variance = torch.var(z, dim=0)
-    return torch.mean(1.0 / (variance + eps))
-
-
-def compute_loss(x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, lambda_act: float = 1e-4,
-                 lambda_sim: float = 5e-5, lambda_div: float = 2e-4) -> dict[str, torch.Tensor]:
-    """Every term of the original regularised loss (key names as the original's dict).
-
-    total = mse + lambda_act * mean|z| + lambda_sim * contrastive + lambda_div * divergence.
-    """
-    mse_loss = F.mse_loss(x_hat, x)
-    l1_reg = torch.mean(torch.abs(z))
-    contrastive_reg = contrastive_loss(z)
-    divergence_reg = divergence_loss(z)
-    total = mse_loss + lambda_act * l1_reg + lambda_sim * contrastive_reg + lambda_div * divergence_reg
-    return {
-        "total_loss": total,
-        "mse_loss": mse_loss,
-        "l1_reg": l1_reg,
-        "contrastive_reg": contrastive_reg,
-        "divergence_reg": divergence_reg,
-    }
-
-
 # ------------------------------------------------------------------------------------------- model
-
-
-class _Encode(nn.Module):
-    def __init__(self, model: StemAutoencoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(image)
-
-
-class _Decode(nn.Module):
-    def __init__(self, model: StemAutoencoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latent)
 
 
 class StemAutoencoder(nn.Module):
@@ -370,7 +305,7 @@ class StemAutoencoder(nn.Module):
     def compute_loss(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor,
                      lambda_act: float = 1e-4, lambda_sim: float = 5e-5,
                      lambda_div: float = 2e-4) -> dict[str, torch.Tensor]:
-        """The original method: see module-level `compute_loss`."""
+        """The original method: see `training.losses.stem_autoencoder.compute_loss`."""
         return compute_loss(x, x_hat, z, lambda_act=lambda_act, lambda_sim=lambda_sim,
                             lambda_div=lambda_div)
 
@@ -401,8 +336,7 @@ class StemAutoencoder(nn.Module):
         image = torch.rand(batch_size, 1, height, width)
         latent = torch.rand(batch_size, self.config.latent_dim)
         other_batches = sorted({1, batch_size + 1} - {batch_size})
-        # Wrappers share the model's train/eval mode so an exporter restoring modes cannot flip it.
-        encode, decode = _Encode(self).train(self.training), _Decode(self).train(self.training)
+        encode, decode = OpModule(self, "embed"), OpModule(self, "decode")
         return [
             ExportOp(name="encode", module=encode, example_inputs=(image,),
                      input_names=["image"], output_names=["latent"],
@@ -414,64 +348,6 @@ class StemAutoencoder(nn.Module):
                      input_names=["image"], output_names=["reconstruction"],
                      check_shapes=[((b, 1, height, width),) for b in other_batches]),
         ]
-
-
-# ------------------------------------------------------------------------------- training contract
-
-
-def training_losses(model: StemAutoencoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The original loss terms for batch["image"] (B, 1, H, W); "loss" = total_loss."""
-    x = batch["image"]
-    z = model.embed(x)
-    x_hat = model.decoder(z)
-    if x_hat.shape[-2:] != x.shape[-2:]:
-        x_hat = F.interpolate(x_hat, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-    cfg = model.config
-    terms = compute_loss(x, x_hat, z, lambda_act=cfg.lambda_act, lambda_sim=cfg.lambda_sim,
-                         lambda_div=cfg.lambda_div)
-    return {"loss": terms["total_loss"], **terms}
-
-
-@torch.no_grad()
-def validation_metrics(model: StemAutoencoder, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """PSNR, SSIM and MSE of the reconstruction (data range 1)."""
-    x = batch["image"]
-    x_hat = model(x)
-    return {
-        "psnr": float(psnr(x_hat, x, data_range=1.0)),
-        "ssim": float(ssim(x_hat, x, data_range=1.0)),
-        "mse": float(mse(x_hat, x)),
-    }
-
-
-# ---------------------------------------------------------------------------------- original weights
-
-_ORIGINAL_PREFIXES = ("model.",)   # Lightning wraps the autoencoder as `model`
-
-
-def original_key_to_ours(key: str) -> str:
-    """Original state_dict key -> ours (drops a Lightning `model.` prefix, flattens decoder.decoder)."""
-    for prefix in _ORIGINAL_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    if key.startswith("decoder.decoder."):
-        key = "decoder." + key[len("decoder.decoder."):]
-    return key
-
-
-def load_original(constructor_args: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> StemAutoencoder:
-    """Build from the original `Autoencoder(latent_dim, out_shape)` arguments and load its weights."""
-    allowed = {"latent_dim", "out_shape"}
-    unknown = sorted(set(constructor_args) - allowed)
-    if unknown:
-        raise ValueError(f"unknown original Autoencoder arguments {unknown}; allowed: {sorted(allowed)}")
-    config = StemAutoencoderConfig(
-        latent_dim=int(constructor_args.get("latent_dim", 32)),
-        out_shape=tuple(int(s) for s in constructor_args.get("out_shape", (256, 256))),
-    )
-    model = StemAutoencoder(config)
-    model.load_state_dict({original_key_to_ours(k): v for k, v in state_dict.items()}, strict=True)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------- variants

@@ -1,4 +1,4 @@
-"""training.metrics: MSE, PSNR and SSIM against closed forms and scikit-image."""
+"""training.image_quality: MSE, PSNR and SSIM against closed forms and scikit-image."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from training.metrics import gaussian_window, mse, psnr, psnr_from_mse, ssim
+from training.image_quality import gaussian_window, mse, psnr, psnr_from_mse, ssim
 
 
 def _pair(shape: tuple[int, ...], noise: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
