@@ -11,6 +11,12 @@ collects during a run. Batches are concatenated along axis 0 and split back by o
 worker thread; results go to each request's own future. Items past their deadline (504; absolute,
 on the loop clock) or whose client left (cancelled future) are dropped before running.
 
+Faults: a batch that raises is re-run in halves (`app.scheduling.isolate_failures`, at most 2n - 1
+runs for n request chunks, re-runs counted in `aeserve_batch_retries_total`) until each failure is
+one request chunk alone: healthy requests get their answers, a request whose chunk fails alone gets
+`EngineError` (500, no internals in its message; the cause is logged). A crashed scheduler is
+restarted or reported (`app.scheduling.WorkerLoop`): callers get 503, never a silent 504.
+
 Bounds (each a 429 `QueueFull` with Retry-After, counted in `aeserve_rejections_total`): a request
 that would overfill a non-empty queue beyond `max_queue_items` frames; one that does not fit the
 `app.admission.ItemBudget` shared by every engine (frames queued in all queues of all engines
@@ -32,8 +38,8 @@ import numpy as np
 
 from app.admission import ItemBudget, shed
 from app.errors import EngineError, ShuttingDown
-from app.metrics import BATCH_SIZE, COMPUTE_DURATION, QUEUE_DEPTH, QUEUE_WAIT
-from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, settle_if_expired
+from app.metrics import BATCH_RETRIES, BATCH_SIZE, COMPUTE_DURATION, QUEUE_DEPTH, QUEUE_WAIT
+from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, isolate_failures, settle_if_expired
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +120,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
     ) -> None:
         """`budget` is shared by every engine of the service (None: a private one that only the per-queue
         bounds limit: `max_queue_items` × `max_queues`)."""
-        super().__init__(f"engine-{model}")
-        self.model = model
-        self.version = version
+        super().__init__(f"engine-{model}", model, version)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_items = max_queue_items
@@ -152,11 +156,11 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         """Queue `inputs` (all with the same leading batch axis) for `op`; returns that op's outputs.
 
         `deadline` is absolute on the event loop's clock (`loop.time()`); past it the request fails
-        with 504. A stopped engine raises `ShuttingDown` (503); a full queue, a full shared budget or
-        too many queues `QueueFull` (429).
+        with 504. A stopped engine raises `ShuttingDown` (503), a failed one `ModelUnavailable` (503); a
+        full queue, a full shared budget or too many queues `QueueFull` (429).
         """
         if not self.running:
-            raise ShuttingDown("the server is shutting down")
+            raise self.unavailable() if self.failure else ShuttingDown("the server is shutting down")
         entry = self._ops[op]
         total = next(iter(inputs.values())).shape[0] if entry.has_inputs and inputs else 1
         key = (op, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())))
@@ -289,21 +293,33 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                 fail_unanswered([item.future], error)
 
     async def _execute(self, batch: tuple[_Queue, list[_Item]]) -> None:
+        """Run the batch; if it raises, re-run its halves until each failure is one request chunk alone."""
         queue, items = batch
         labels = (self.model, self.version, queue.op)
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         for item in items:
             QUEUE_WAIT.labels(*labels).observe(started - item.enqueued_at)
+        failed, retries = await isolate_failures(
+            items, lambda part: self._run(queue, part), lambda item: not self._is_over(item, loop.time())
+        )
+        if retries:
+            BATCH_RETRIES.labels(*labels).inc(retries)
+            log.warning("%s/%s %s: a batch of %d requests failed; %d re-runs left %d failing alone",
+                        self.model, self.version, queue.op, len(items), retries, len(failed))
+        for item, exc in failed:
+            log.error("%s/%s %s: a request chunk of %d frames failed alone", self.model, self.version,
+                      queue.op, item.size, exc_info=exc)
+            fail_unanswered([item.future], lambda: EngineError(f"{queue.op} failed in the engine on this input"))
+
+    async def _run(self, queue: _Queue, items: list[_Item]) -> None:
+        """Run `items` as one batch on the worker thread and answer them; raises what the run raised."""
+        labels = (self.model, self.version, queue.op)
         sizes = [item.size for item in items]
         t0 = time.perf_counter()
         try:
             inputs = [item.inputs for item in items]
             results = await self._in_worker(run_batch, queue.run, inputs, sizes, queue.has_inputs)
-        except Exception as exc:
-            log.exception("%s/%s %s: batch of %d failed", self.model, self.version, queue.op, sum(sizes))
-            message = f"{queue.op} failed in the engine: {exc}"
-            fail_unanswered((item.future for item in items), lambda: EngineError(message))
-            return
         finally:
             elapsed = time.perf_counter() - t0
             self._last_compute_s = elapsed

@@ -29,8 +29,10 @@ therefore depends only on (seed, i, steps, eta, condition), never on what else s
 `deadline` is absolute, on the event loop's clock (`loop.time()`, `time.monotonic()` on the default
 loop; the same clock as `app.batcher`); a request past it fails with `app.errors.DeadlineExceeded`
 (504) and its rows leave the loop before the next step (cut off, never left to run). Bad arguments
-raise `InvalidSampleRequest` (422), a stopped sampler `SamplerStopped` (503), a failing denoiser
-`EngineError` (500) for every request in its step batch.
+raise `InvalidSampleRequest` (422), a stopped sampler `SamplerStopped` (503), a failed one
+`ModelUnavailable` (503, see `app.scheduling.WorkerLoop`), a failing denoiser `EngineError` (500) for
+the requests that fail alone: a failed step batch is re-run in halves, by request
+(`app.scheduling.isolate_failures`), so the others still advance.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +49,22 @@ import numpy as np
 from app.admission import count_rejection, shed
 from app.ddim import ddim_step, ddim_timesteps, schedule_from_spec
 from app.errors import DeadlineExceeded, EngineError, InvalidInput, ServiceError, ShuttingDown
-from app.metrics import COMPUTE_DURATION, DIFFUSION_ACTIVE, DIFFUSION_STEP_BATCH, QUEUE_DEPTH, QUEUE_WAIT
-from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, fair_shares, settle_if_expired
+from app.metrics import (
+    BATCH_RETRIES,
+    COMPUTE_DURATION,
+    DIFFUSION_ACTIVE,
+    DIFFUSION_STEP_BATCH,
+    QUEUE_DEPTH,
+    QUEUE_WAIT,
+)
+from app.scheduling import (
+    ErrorFactory,
+    WorkerLoop,
+    fail_unanswered,
+    fair_shares,
+    isolate_failures,
+    settle_if_expired,
+)
 from app.schemas.manifest import SamplerSpec
 
 __all__ = ["ContinuousDdimSampler", "InvalidSampleRequest", "SamplerStopped"]
@@ -114,13 +130,12 @@ class ContinuousDdimSampler(WorkerLoop[list[_Row]]):
             raise ValueError(f"max_batch_size and max_rows must be >= 1; got {max_batch_size}, {max_rows}")
         if spec.image_shape is None or len(spec.image_shape) != 3:
             raise ValueError(f"sampler.image_shape must be (C, H, W); got {spec.image_shape!r}")
-        super().__init__(f"ddim-{model}-{version}")
+        super().__init__(f"ddim-{model}-{version}", model, version, OP)
         self.spec = spec
         self.betas, self.alphas_cumprod = schedule_from_spec(spec)
         self.image_shape = tuple(int(s) for s in spec.image_shape)
         self.max_steps = min(spec.max_steps, len(self.alphas_cumprod))
         self.max_batch_size = max_batch_size
-        self.model, self.version = model, version
         self._run_denoise = run_denoise
         self.max_rows = max_rows
         self.mean_step_s: float | None = None  # moving mean of a loop step's time, once measured
@@ -131,6 +146,7 @@ class ContinuousDdimSampler(WorkerLoop[list[_Row]]):
         self._m_compute = COMPUTE_DURATION.labels(model, version, OP)
         self._m_queue_wait = QUEUE_WAIT.labels(model, version, OP)
         self._m_queue_depth = QUEUE_DEPTH.labels(model, version, OP)
+        self._m_retries = BATCH_RETRIES.labels(model, version, OP)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to `drain_timeout` s, then cancel the rest."""
@@ -150,6 +166,8 @@ class ContinuousDdimSampler(WorkerLoop[list[_Row]]):
         seed still drives the η > 0 noise).
         """
         if not self.running:
+            if self.failure:
+                raise self.unavailable()
             raise SamplerStopped(f"sampler for {self.model}/{self.version} is not running")
         request = self._make_request(num_samples, steps, eta, condition, seed, deadline, x_T)
         if deadline is not None and deadline <= request.arrived:
@@ -288,28 +306,45 @@ class ContinuousDdimSampler(WorkerLoop[list[_Row]]):
         self._m_queue_depth.set(len(rows) - started)
 
     async def _execute(self, batch: list[_Row]) -> None:
-        """One denoiser call for every row in `batch`, then one DDIM step per row at its own timestep."""
-        rows = batch
+        """One denoiser call for every row in `batch`, then one DDIM step per row at its own timestep; if
+        the call raises, the requests are re-run in halves until each failure is one request alone."""
+        started = time.perf_counter()
+        requests = list(dict.fromkeys(row.request for row in batch))
+
+        def step_of(part: list[_Request]) -> Awaitable[None]:
+            members = set(part)
+            return self._step([row for row in batch if row.request in members])
+
+        failed, retries = await isolate_failures(requests, step_of, lambda request: not request.over)
+        if retries:
+            self._m_retries.inc(retries)
+            log.warning("%s/%s denoise: a step of %d requests failed; %d re-runs left %d failing alone",
+                        self.model, self.version, len(requests), retries, len(failed))
+        for request, exc in failed:  # the engine failed on this request alone
+            log.error("%s/%s denoise: a request of %d rows failed", self.model, self.version,
+                      len(request.rows), exc_info=exc)
+            error = exc if isinstance(exc, ServiceError) else EngineError(f"denoise failed: {exc}")
+            if not request.future.done():
+                request.future.set_exception(error)
+        if failed:
+            self._drop_finished_requests(asyncio.get_running_loop().time())
+            return
+        elapsed = time.perf_counter() - started  # the whole step: the moving mean for admission
+        mean = self.mean_step_s
+        self.mean_step_s = elapsed if mean is None else mean + STEP_TIME_SMOOTHING * (elapsed - mean)
+
+    async def _step(self, rows: list[_Row]) -> None:
+        """Denoise `rows` in one call and advance each by one DDIM step; raises what the call raised."""
         x = np.stack([r.request.x[r.index] for r in rows])
         t = np.array([r.request.timesteps[r.position] for r in rows], dtype=np.int64)
         cond = np.stack([r.request.condition[r.index] for r in rows])
         started = time.perf_counter()
-        try:
-            eps = np.asarray(await self._in_worker(self._run_denoise, x, t, cond), dtype=np.float32)
-            if eps.shape != x.shape:
-                raise RuntimeError(f"denoise returned shape {eps.shape}; expected {x.shape}")
-        except Exception as exc:  # the engine failed: every request in this batch fails with it
-            log.exception("%s/%s denoise: step batch of %d failed", self.model, self.version, len(rows))
-            error = exc if isinstance(exc, ServiceError) else EngineError(f"denoise failed: {exc}")
-            fail_unanswered((row.request.future for row in rows), lambda: error)
-            self._drop_finished_requests(asyncio.get_running_loop().time())
-            return
+        eps = np.asarray(await self._in_worker(self._run_denoise, x, t, cond), dtype=np.float32)
+        if eps.shape != x.shape:
+            raise RuntimeError(f"denoise returned shape {eps.shape}; expected {x.shape}")
         self._m_compute.observe(time.perf_counter() - started)
         self._m_step_batch.observe(len(rows))
         self._advance(rows, self._ddim_step(rows, x, t, eps))
-        elapsed = time.perf_counter() - started  # the whole step: the moving mean for admission
-        mean = self.mean_step_s
-        self.mean_step_s = elapsed if mean is None else mean + STEP_TIME_SMOOTHING * (elapsed - mean)
 
     def _ddim_step(self, rows: list[_Row], x: np.ndarray, t: np.ndarray, eps: np.ndarray) -> np.ndarray:
         """x at each row's next timestep (ᾱ_prev = 1 past the last), with its own η and noise stream."""

@@ -4,7 +4,8 @@ Labels: model, version, op, status, reason only. `op` is a manifest op name (eng
 diffusion sampler uses `denoise`), the engine's `saliency` queue, a route's capability, or empty;
 `reason` comes from `app.errors` (a closed set), never from free text; the `reason` of
 `aeserve_rejections_total` from `app.admission.REJECTION_REASONS` (also closed). For the diffusion
-sampler an "item" of the queue metrics is one sample row and a "batch" one denoiser step.
+sampler an "item" of the queue metrics is one sample row and a "batch" one denoiser step; its `op`
+is `denoise`, an engine's scheduler crashes carry an empty `op`.
 """
 
 from __future__ import annotations
@@ -71,4 +72,12 @@ INFLIGHT_REQUESTS = Gauge(
 QUEUED_ITEMS_ALL = Gauge(
     "aeserve_queued_items_all", "Items waiting in every engine queue together (the shared budget).",
     registry=REGISTRY,
+)
+BATCH_RETRIES = Counter(
+    "aeserve_batch_retries", "Re-runs of parts of a failed batch to find the requests that fail alone.",
+    ["model", "version", "op"], registry=REGISTRY,
+)
+SCHEDULER_CRASHES = Counter(
+    "aeserve_scheduler_crashes", "Exceptions that escaped an engine's or sampler's scheduler loop.",
+    ["model", "version", "op"], registry=REGISTRY,
 )

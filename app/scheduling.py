@@ -12,7 +12,14 @@ loop stays free. Callers wait on their own futures; the scheduler answers them. 
   `time.monotonic()`; `app.api.deps.deadline_from_now` makes them). `_wait_for_results` turns a
   passed deadline into `DeadlineExceeded` (504) for the caller, `settle_if_expired` for queued work;
 - skipping abandoned work: a caller that stops waiting cancels its futures, and work whose future is
-  done is never run.
+  done is never run;
+- isolating faults: `isolate_failures` re-runs the halves of a failed batch until every failure is
+  one group (request) alone, so healthy requests still get their answers (at most 2n - 1 runs);
+- supervision: an exception escaping the scheduler is logged at ERROR, every waiting caller gets a 503
+  `ModelUnavailable` at once (never a 504 later) and the scheduler restarts, at most `max_restarts`
+  times per `restart_window_s`; past that it stays down: `healthy` is False, `failure` says why and
+  `on_failure(loop)` is called once (readiness reports it). A scheduler task cancelled from outside
+  counts as failed the same way.
 
 A subclass says what a batch is: `_next_batch(now)` picks one (or how long to sleep), `_execute(batch)`
 runs it through `_in_worker` and answers its futures, `_fail_waiting(error)` fails what is still queued.
@@ -22,14 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from app.errors import DeadlineExceeded
+from app.errors import DeadlineExceeded, ModelUnavailable
+from app.metrics import SCHEDULER_CRASHES
+
+log = logging.getLogger(__name__)
 
 BatchT = TypeVar("BatchT")
+GroupT = TypeVar("GroupT")
 ResultT = TypeVar("ResultT")
 ErrorFactory = Callable[[], BaseException]
 
@@ -73,11 +88,48 @@ def fair_shares(wants: list[int], slots: int) -> list[int]:
     return shares
 
 
+async def isolate_failures(
+    groups: list[GroupT], run: Callable[[list[GroupT]], Awaitable[None]], live: Callable[[GroupT], bool]
+) -> tuple[list[tuple[GroupT, Exception]], int]:
+    """Run `groups` together with `run` (which answers them, or raises); when it raises, run each half
+    apart, and so on, until every failure is one group alone. Groups no longer `live` are skipped.
+
+    Returns (each group that failed alone, with its error; how many re-runs it took). A batch of n
+    costs at most 2n - 1 runs (n - 1 re-runs with one bad group among n: 2·log2(n)).
+    """
+    failed: list[tuple[GroupT, Exception]] = []
+    runs = 0
+    pending = [groups]
+    while pending:
+        part = [group for group in pending.pop() if live(group)]
+        if not part:
+            continue
+        runs += 1
+        try:
+            await run(part)
+        except Exception as exc:
+            if len(part) == 1:
+                failed.append((part[0], exc))
+            else:
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]  # the first half runs next
+    return failed, max(0, runs - 1)
+
+
 class WorkerLoop(ABC, Generic[BatchT]):
     """One scheduler task feeding one worker thread; subclasses define batches (see the module doc)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, model: str, version: str, op: str = "") -> None:
         self.worker_name = name  # names the scheduler task and the worker thread
+        self.model, self.version = model, version
+        self.max_restarts = 3  # scheduler restarts allowed within `restart_window_s` before it stays down
+        self.restart_window_s = 60.0
+        self.restarts = 0  # scheduler restarts so far
+        self.failure: str | None = None  # why the scheduler stopped for good (None: it did not)
+        self.on_failure: Callable[[WorkerLoop[Any]], None] | None = None  # called once when it does
+        self._crashes: deque[float] = deque()  # monotonic times of recent crashes
+        self._crash_counter = SCHEDULER_CRASHES.labels(model, version, op)
+        self._waiting: set[asyncio.Future] = set()  # futures callers wait on now
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -86,7 +138,20 @@ class WorkerLoop(ABC, Generic[BatchT]):
     @property
     def running(self) -> bool:
         """Started, not stopping, and the scheduler task is alive: new work is accepted."""
-        return self._task is not None and not self._task.done() and not self._stopping
+        return self.healthy and not self._stopping
+
+    @property
+    def healthy(self) -> bool:
+        """Started and the scheduler task is alive (restarts included); False once it failed for good."""
+        return self._task is not None and not self._task.done() and self.failure is None
+
+    def unavailable(self, restarting: bool = False) -> ModelUnavailable:
+        """The 503 a caller gets when the scheduler crashed (it restarted) or failed for good."""
+        if restarting:
+            return ModelUnavailable(
+                f"{self.model} hit an internal error and restarted; retry", headers={"Retry-After": "1"}
+            )
+        return ModelUnavailable(f"{self.model} is unavailable: its scheduler failed")
 
     async def start(self) -> None:
         """Start the worker thread and the scheduler task."""
@@ -95,7 +160,8 @@ class WorkerLoop(ABC, Generic[BatchT]):
         self._stopping = False
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.worker_name)
-        self._task = asyncio.create_task(self._loop(), name=self.worker_name)
+        self._task = asyncio.create_task(self._supervise(), name=self.worker_name)
+        self._task.add_done_callback(self._on_task_done)
 
     async def _shut_down(self, error: ErrorFactory, *, drain: bool = True, drain_timeout: float | None = None) -> None:
         """Refuse new work, then finish queued work (`drain`, cancelling the scheduler after
@@ -105,7 +171,7 @@ class WorkerLoop(ABC, Generic[BatchT]):
             self._fail_waiting(error)
         self._wake_up()
         task, self._task = self._task, None
-        if task is not None:
+        if task is not None and not task.done():
             try:
                 await asyncio.wait_for(task if drain_timeout is None else asyncio.shield(task), drain_timeout)
             except TimeoutError:
@@ -134,16 +200,79 @@ class WorkerLoop(ABC, Generic[BatchT]):
         cancelled, so the scheduler skips their work.
         """
         timeout = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        self._waiting.update(futures)
         try:
             return await asyncio.wait_for(asyncio.gather(*futures), timeout)
         except TimeoutError:
             raise DeadlineExceeded(late, field="deadline") from None
         finally:
+            self._waiting.difference_update(futures)
             for future in futures:
                 if not future.done():
                     future.cancel()
             if any(future.cancelled() for future in futures):
                 self._wake_up()  # the scheduler drops the abandoned work now
+
+    async def _supervise(self) -> None:
+        """Run the scheduler; after a crash fail every waiting caller (503) and restart it, within bounds."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except Exception as exc:
+                restart = self._note_crash() and not self._stopping
+                log.error(
+                    "%s: the scheduler crashed (%s); %s",
+                    self.worker_name,
+                    type(exc).__name__,
+                    "restarting it" if restart else "it stays down",
+                    exc_info=exc,
+                )
+                self._fail_everyone(functools.partial(self.unavailable, restart))
+                if not restart:
+                    if not self._stopping:
+                        self._give_up(
+                            f"the scheduler crashed {len(self._crashes)} times within "
+                            f"{self.restart_window_s:g} s; last: {type(exc).__name__}"
+                        )
+                    return
+                self.restarts += 1
+
+    def _note_crash(self) -> bool:
+        """Count a crash; True while restarts are left in the window."""
+        now = time.monotonic()
+        self._crash_counter.inc()
+        self._crashes.append(now)
+        while now - self._crashes[0] > self.restart_window_s:
+            self._crashes.popleft()
+        return len(self._crashes) <= self.max_restarts
+
+    def _fail_everyone(self, error: ErrorFactory) -> None:
+        """Fail all queued work and every future a caller still waits on with `error()`."""
+        self._fail_waiting(error)
+        fail_unanswered(list(self._waiting), error)
+
+    def _give_up(self, reason: str) -> None:
+        """Stay down: record `reason`, refuse new work, tell `on_failure`."""
+        self.failure = reason
+        log.error("%s: %s; the model is unavailable", self.worker_name, reason)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(self)
+            except Exception:
+                log.exception("%s: on_failure callback failed", self.worker_name)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """A scheduler task that ends while not stopping (cancelled from outside) is a failure."""
+        if self._stopping or self.failure is not None:
+            return
+        if task.cancelled():
+            what = "was cancelled"
+        else:  # retrieving the exception also keeps asyncio from warning about it
+            error = task.exception()
+            what = f"died ({type(error).__name__})" if error is not None else "ended"
+        self._fail_everyone(self.unavailable)
+        self._give_up(f"the scheduler task {what} unexpectedly")
 
     async def _loop(self) -> None:
         """Run batches while there are any; sleep until woken or due; return once stopping and idle."""
