@@ -54,6 +54,22 @@ def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     p.add_argument("--lr-decay-steps", type=int)
     p.add_argument("--lr-warmup-steps", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        metavar="N",
+        help="keep the newest N epoch checkpoints besides best.ckpt and latest.ckpt (default 3; "
+        "0 = only best and latest); older ones are deleted once the new one is safely written",
+    )
+    p.add_argument(
+        "--min-free-disk-mb",
+        type=float,
+        metavar="MB",
+        help="free disk space (MiB) that must remain after each checkpoint write (default: the "
+        "checkpoint's own size, so a write needs twice its size free); a write that would not fit, or "
+        "a full disk during the write, stops the run with an error (exit status 2) and the newest "
+        "good checkpoint intact",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -6,8 +6,11 @@ whose size or hash disagrees (a truncated or damaged file) with a message naming
 
 Writes are atomic: the bytes go to a temp file in the same directory, are fsync'ed, `os.replace`d
 over the target and the directory is fsync'ed, so a process killed at any moment leaves either the
-old or the new file under the final name, never a half-written one. `CheckpointDir` keeps one file
-per epoch plus `latest.ckpt` and `best.ckpt` (hard links to the epoch file when possible).
+old or the new file under the final name, never a half-written one; a temp file left by a killed
+write is removed by `remove_stale_temps` on the next start. `CheckpointDir` keeps the newest
+`keep_last` epoch files plus `latest.ckpt` and `best.ckpt` (hard links to the epoch file when
+possible), checks the free disk space before each write and turns a full disk into `DiskSpaceError`
+with the previous checkpoints untouched.
 
 The state saved by the loop holds: model, optimizer, AMP grad scaler, step, epoch, position inside
 the epoch, the RNG states of python/numpy/torch (and CUDA), the TrainConfig, the model config, the
@@ -16,13 +19,18 @@ data order of the current epoch, the best validation loss and the history (the J
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import logging
 import os
 import random
 import re
+import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +41,18 @@ MAGIC = b"AESCKPT1"
 _TRAILER = struct.Struct("<8s32sQ")  # magic, sha256 digest, payload length
 TRAILER_BYTES = _TRAILER.size
 EPOCH_PATTERN = re.compile(r"^epoch_(\d+)\.ckpt$")
+TEMP_PATTERN = re.compile(r"^\..+\.(tmp|link)$")  # atomic_write_bytes temps and CheckpointDir link temps
+MIB = 2**20
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, damaged or of the wrong kind."""
+
+
+class DiskSpaceError(CheckpointError):
+    """A checkpoint that was not written for lack of disk space (the previous ones are intact)."""
 
 
 def fsync_dir(directory: Path) -> None:
@@ -59,15 +75,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files a killed write left in `directory` (`.NAME.XXXX.tmp`, `.NAME.PID.link`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if TEMP_PATTERN.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.warning("removed %s, left over from an interrupted write", path)
+    return stale
 
 
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
@@ -154,10 +185,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointDir:
-    """`epoch_NNNN.ckpt` per completed epoch, `latest.ckpt` (newest state, also mid-epoch) and `best.ckpt`."""
+    """`epoch_NNNN.ckpt` per completed epoch, `latest.ckpt` (newest state, also mid-epoch) and `best.ckpt`.
 
-    def __init__(self, directory: str | Path) -> None:
+    `keep_last`: epoch files kept (the newest N; 0 = none besides `latest` and `best`; None = all).
+    `min_free_disk_mb`: space that must stay free after a write (None = as much as the checkpoint).
+    """
+
+    def __init__(
+        self, directory: str | Path, keep_last: int | None = None, min_free_disk_mb: float | None = None
+    ) -> None:
         self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.min_free_disk_mb = min_free_disk_mb
 
     @property
     def latest(self) -> Path:
@@ -189,21 +228,58 @@ class CheckpointDir:
         os.replace(tmp, alias)
         fsync_dir(self.directory)
 
-    def save_epoch(self, state: dict[str, Any], epoch: int, is_best: bool, keep: int = 0) -> Path:
-        """Write the end-of-epoch checkpoint and move `latest` (and `best` when it improved) onto it;
-        with `keep` > 0 delete all but the newest `keep` epoch files (`best` keeps its own link)."""
-        path = save_checkpoint(state, self.epoch_path(epoch))
-        self._alias(path, self.latest)
-        if is_best:
-            self._alias(path, self.best)
-        if keep > 0:
-            for old in self.epochs()[:-keep]:
+    def _still_intact(self) -> str:
+        if self.latest.is_file():
+            return f"; the newest good checkpoint {self.latest} is intact"
+        return "; no checkpoint had been written yet"
+
+    def check_disk_space(self, path: Path, size: int) -> None:
+        """Raise `DiskSpaceError` unless `size` bytes fit with `min_free_disk_mb` to spare."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        reserve = size if self.min_free_disk_mb is None else int(self.min_free_disk_mb * MIB)
+        if free < size + reserve:
+            raise DiskSpaceError(
+                f"not enough disk space to write checkpoint {path}: {free / MIB:.1f} MiB free, the checkpoint "
+                f"needs {size / MIB:.1f} MiB and {reserve / MIB:.1f} MiB must stay free (--min-free-disk-mb)"
+                + self._still_intact()
+            )
+
+    @contextmanager
+    def _disk_full_is_an_error(self, path: Path) -> Iterator[None]:
+        """Turn ENOSPC/EDQUOT while writing `path` into `DiskSpaceError` (the temp file is already gone)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            raise DiskSpaceError(f"disk full while writing checkpoint {path}: {exc}" + self._still_intact()) from exc
+
+    def _write(self, state: dict[str, Any], path: Path) -> Path:
+        """Encode, check the disk budget, write atomically."""
+        data = encode_checkpoint(state)
+        self.check_disk_space(path, len(data))
+        with self._disk_full_is_an_error(path):
+            atomic_write_bytes(path, data)
+        return path
+
+    def save_epoch(self, state: dict[str, Any], epoch: int, is_best: bool) -> Path:
+        """Write the end-of-epoch checkpoint, move `latest` (and `best` when it improved) onto it, then
+        delete the epoch files beyond `keep_last` (`best` and `latest` keep their own links)."""
+        path = self._write(state, self.epoch_path(epoch))
+        with self._disk_full_is_an_error(path):
+            self._alias(path, self.latest)
+            if is_best:
+                self._alias(path, self.best)
+        if self.keep_last is not None:
+            epochs = self.epochs()
+            for old in epochs[: max(0, len(epochs) - self.keep_last)]:
                 self.epoch_path(old).unlink(missing_ok=True)
         return path
 
     def save_latest(self, state: dict[str, Any]) -> Path:
         """Write a mid-epoch checkpoint (time budget or interrupt) as `latest` only."""
-        return save_checkpoint(state, self.latest)
+        return self._write(state, self.latest)
 
     def resolve(self, which: str | Path) -> Path:
         """`latest`, `best`, an epoch number, or a path -> the checkpoint file."""

@@ -67,6 +67,8 @@ def _config_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
         ("max_steps_per_epoch", "max_steps_per_epoch"),
         ("lr_decay_steps", "lr_decay_steps"),
         ("lr_warmup_steps", "lr_warmup_steps"),
+        ("keep_last", "keep_last"),
+        ("min_free_disk_mb", "min_free_disk_mb"),
     ):
         value = getattr(args, flag, None)
         if value is not None:

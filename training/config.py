@@ -41,7 +41,8 @@ class TrainConfig:
     max_val_samples: int = 0  # validate on the first N samples; 0 = all
     device: str = "cpu"
     log_every: int = 1  # per-step log records every N optimizer steps
-    keep_epoch_checkpoints: int = 0  # keep only the newest N epoch files; 0 = keep all
+    keep_last: int | None = 3  # epoch files kept besides best and latest; 0 = none; None = every one
+    min_free_disk_mb: float | None = None  # free space left after each checkpoint write; None = one checkpoint
 
     def __post_init__(self) -> None:
         checks = {
@@ -58,7 +59,8 @@ class TrainConfig:
             "max_steps_per_epoch": self.max_steps_per_epoch >= 0,
             "max_val_samples": self.max_val_samples >= 0,
             "log_every": self.log_every >= 1,
-            "keep_epoch_checkpoints": self.keep_epoch_checkpoints >= 0,
+            "keep_last": self.keep_last is None or self.keep_last >= 0,
+            "min_free_disk_mb": self.min_free_disk_mb is None or self.min_free_disk_mb >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -72,12 +74,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        """Inverse of `to_dict`; unknown keys are an error naming them. The former field
+        `keep_epoch_checkpoints` (recipes, old checkpoints; 0 = keep all) sets `keep_last` (None = keep all)."""
+        values = dict(data)
+        if "keep_epoch_checkpoints" in values:
+            values["keep_last"] = values.pop("keep_epoch_checkpoints") or None
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-        values = dict(data)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)

@@ -9,8 +9,9 @@ when asked. Everything that decides the numbers is a pure function of the saved 
   * the RNG states of python/numpy/torch are saved with the model, optimizer and AMP scaler,
 so `--resume latest` continues with exactly the per-step losses of an uninterrupted run.
 
-Outputs in `out_dir`: `checkpoints/` (see `training.checkpoint`), `log.json` (config, per-step
-losses, per-epoch train/val loss and validation metrics, events) and `loss_curve.png`.
+Outputs in `out_dir`: `checkpoints/` (see `training.checkpoint`; retention and disk budget from the
+config), `log.json` (config, per-step losses, per-epoch train/val loss and validation metrics, events)
+and `loss_curve.png`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from training.checkpoint import (
     atomic_write_bytes,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temps,
     restore_rng_state,
 )
 from training.config import TrainConfig
@@ -105,7 +107,9 @@ class Trainer:
         task: Task | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.ckpt = CheckpointDir(self.out_dir / "checkpoints")
+        self.ckpt = CheckpointDir(self.out_dir / "checkpoints", config.keep_last, config.min_free_disk_mb)
+        for directory in (self.out_dir, self.ckpt.directory):
+            remove_stale_temps(directory)
         self.progress = progress
         self.device = resolve_device(config.device)
         resumed: dict[str, Any] | None = None
@@ -355,7 +359,7 @@ class Trainer:
             {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "val_loss": val["loss"],
              "val": val, "lr": lr_at(max(self.step - 1, 0), config), "elapsed_s": time.monotonic() - started}
         )
-        self.ckpt.save_epoch(self.state(), self.epoch, is_best, keep=config.keep_epoch_checkpoints)
+        self.ckpt.save_epoch(self.state(), self.epoch, is_best)
         self.write_log()
         if self.progress:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
