@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -55,3 +60,13 @@ def fixture_cases(family: str) -> list:
         reason = f"conformance fixtures missing: {path} (expected ../shared/fixtures/originals beside the repo)"
         return [pytest.param("fixtures-missing", marks=pytest.mark.skip(reason=reason))]
     return sorted(p.name[: -len(".json")] for p in path.glob("*.json"))
+
+
+def wait_until_loaded(client: TestClient, timeout_s: float = 300.0) -> None:
+    """Until /readyz answers 200 or no model is still loading (the service loads in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = client.get("/readyz")
+        if response.status_code == 200 or "loading" not in response.json().get("models", {}).values():
+            return
+        time.sleep(0.1)

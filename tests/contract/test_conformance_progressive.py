@@ -1,5 +1,9 @@
 """ProgressiveDecoder (PRISM) against the original code's fixtures: outputs, traces, crop_pad vectors,
-parameter counts."""
+parameter counts.
+
+crop_pad only moves values and pads zeros, so it must match exactly on any CPU. Model errors measured
+with every kernel set of tests/contract/conformance.py: outputs and traces <= 1.5e-6 (6e-8 natively);
+TOLERANCE is 4 times the largest."""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import fixture_cases, fixture_dir
+from tests.contract.conformance import report, scaled_err
 from training.layers.crop_pad import CropPad, crop_pad
 from training.models.progressive_decoder import ProgressiveDecoder, ProgressiveDecoderConfig
 from training.originals import load_original
 
 FAMILY = "progressive-decoder"
-TOLERANCE = 1e-4
+TOLERANCE = 6e-6
 MODEL_CASES = [case for case in fixture_cases(FAMILY) if case != "crop_pad_vectors"]
 
 
@@ -41,7 +46,7 @@ def test_crop_pad_vectors(index: int) -> None:
     assert list(source.shape) == call["input_shape"]
     for result in (crop_pad(source, call["target_size"]), CropPad(call["target_size"])(source)):
         assert list(result.shape) == call["output_shape"]
-        assert (result - expected).abs().max().item() <= TOLERANCE
+        assert torch.equal(result, expected)
 
 
 def test_all_thirteen_crop_pad_vectors_present() -> None:
@@ -71,12 +76,10 @@ def test_model_case_matches_original(case: str) -> None:
     assert set(model.state_dict()) == expected_keys
     assert torch.equal(model.input_vec.detach(), io["input.input_vec"])
 
+    errors = {}
     with torch.no_grad():
         for call in meta["calls"]:
-            output = getattr(model, call["method"])()
-            expected = io[call["output"]]
-            assert output.shape == expected.shape
-            assert (output - expected).abs().max().item() <= TOLERANCE, call["method"]
+            errors[call["method"]] = scaled_err(getattr(model, call["method"])(), io[call["output"]])
 
         traces = {key[len("trace.decoder."):]: value for key, value in io.items()
                   if key.startswith("trace.decoder.")}
@@ -85,9 +88,10 @@ def test_model_case_matches_original(case: str) -> None:
         for index, layer in enumerate(model.decoder):
             x = layer(x)
             if str(index) in traces:
-                expected = traces[str(index)]
-                assert x.shape == expected.shape, index
-                assert (x - expected).abs().max().item() <= TOLERANCE, f"decoder.{index}"
+                errors[f"decoder.{index}"] = scaled_err(x, traces[str(index)])
+    report(f"{case} errors", errors)
+    assert all(f"decoder.{index}" in errors for index in traces), "a trace was not compared"
+    assert all(err <= TOLERANCE for err in errors.values()), errors
 
 
 # Parameter counts of the automatic configuration, from the reference fact sheet (section 7).

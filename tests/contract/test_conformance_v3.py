@@ -1,5 +1,8 @@
 """AutoEncoder CNN V3 against the original code's fixtures: weights load with the identity key map,
-every recorded call and submodule trace is reproduced, and parameter counts match the reference."""
+every recorded call and submodule trace is reproduced, and parameter counts match the reference.
+
+Errors measured with every kernel set of tests/contract/conformance.py: calls <= 4.3e-6 (the gradient
+saliency 1.4e-6), traces <= 5.8e-6; TOLERANCE is more than 4 times the largest."""
 
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import fixture_cases, fixture_dir
+from tests.contract.conformance import report, scaled_err
 from training.models.autoencoder_cnn_v3 import create_autoencoder
 from training.originals import load_original
 
 FAMILY = "autoencoder-cnn-v3"
-TOLERANCE = 1e-4
+TOLERANCE = 2.5e-5
 GRADIENT_METHODS = {"get_attention_map"}  # saliency needs autograd
 
 
@@ -26,11 +30,6 @@ def _load_case(case: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict
     weights = load_file(folder / meta["files"]["weights"])
     tensors = load_file(folder / meta["files"]["io"])
     return meta, weights, tensors
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a.detach().double() - b.double()).abs().max())
 
 
 @pytest.mark.parametrize("case", fixture_cases(FAMILY))
@@ -49,8 +48,8 @@ def test_original_calls_are_reproduced(case: str) -> None:
         else:
             with torch.no_grad():
                 result = method(*args)
-        errors[call["output"]] = _max_err(result, tensors[call["output"]])
-    print(f"\n{case} max abs errors: " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+        errors[call["output"]] = scaled_err(result, tensors[call["output"]])
+    report(f"{case} errors", errors)
     assert errors and all(err <= TOLERANCE for err in errors.values()), errors
 
 
@@ -71,8 +70,8 @@ def test_submodule_traces_are_reproduced(case: str) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    errors = {path: _max_err(captured[path], expected) for path, expected in traces.items()}
-    print(f"\n{case} trace errors: " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+    errors = {path: scaled_err(captured[path], expected) for path, expected in traces.items()}
+    report(f"{case} trace errors", errors)
     assert all(err <= TOLERANCE for err in errors.values()), errors
 
 
