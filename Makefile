@@ -4,7 +4,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
-HOST ?= 0.0.0.0
+# 127.0.0.1: reachable from this machine only; `HOST=0.0.0.0 make serve` listens on every interface
+# (set AESERVE_API_TOKEN then). The container (Dockerfile, docker-compose.yml) binds 0.0.0.0.
+HOST ?= 127.0.0.1
 STORE ?= model_store
 # The CPU torch wheel (dev, CI); the Docker image installs the CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
@@ -13,7 +15,8 @@ EXTRAS ?= cpu,train,dev
 .PHONY: install serve test store lint bench bench-quick clean-store help
 
 help:
-	@echo "make serve   - install, build the default model store if missing, start the service on PORT ($(PORT))"
+	@echo "make serve   - install, build the default model store if missing, start the service on HOST:PORT ($(HOST):$(PORT));"
+	@echo "               HOST=0.0.0.0 make serve listens on every interface"
 	@echo "make test    - install and run the whole test suite"
 	@echo "make store   - (re)build the default model store"
 	@echo "make bench   - in-process vs served throughput table"

@@ -9,7 +9,7 @@ import uvicorn
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()

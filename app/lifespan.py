@@ -1,7 +1,11 @@
 """The lifespan owns every resource: load store -> runtimes -> warm up -> engines/samplers -> ready -> drain.
 
-Everything lives on `app.state` (`settings`, `models`, `ready`) and is reached through the
-`Annotated` dependencies of `app.api.deps`.
+With `load_in_background` (and not `strict`) the lifespan returns at once, so the port answers while a
+background task loads the models one by one (/readyz: 503 with each model's state until all are done).
+An engine or sampler whose scheduler stays down (`app.scheduling` supervision) makes its model
+unavailable, with a log line and a 503 from /readyz (`report_failure`); `app.shutdown` drains on
+SIGTERM. Everything lives on `app.state` (`settings`, `models`, `ready` = loading done, `drain`) and is
+reached through the `Annotated` dependencies of `app.api.deps`.
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
@@ -19,8 +24,10 @@ from app.admission import Admission, ItemBudget
 from app.batcher import Engine
 from app.diffusion import ContinuousDdimSampler
 from app.metrics import MODEL_LOAD_SECONDS, MODEL_READY
+from app.scheduling import WorkerLoop
 from app.schemas.manifest import OpSpec, TensorSpec
 from app.settings import Settings
+from app.shutdown import Drain, install_sigterm_hook
 from app.store import ModelRecord, ModelRegistry, load_model, scan_store
 
 log = logging.getLogger(__name__)
@@ -173,10 +180,12 @@ async def start_model(record: ModelRecord, settings: Settings, budget: ItemBudge
             runs = await asyncio.to_thread(warm_up, record, settings)
             log.info("%s/%s warmed up with %d runs", record.name, record.version, runs)
         record.engine = build_engine(record, settings, budget)
+        record.engine.on_failure = report_failure(record, "engine")
         await record.engine.start()
         sampler = record.manifest.sampler if record.manifest else None
         if sampler is not None and sampler.kind == "ddim":
             record.sampler = build_sampler(record, settings)
+            record.sampler.on_failure = report_failure(record, "sampler")
             await record.sampler.start()
     except Exception as exc:
         log.exception("starting %s/%s failed", record.name, record.version)
@@ -204,34 +213,72 @@ async def stop_model(record: ModelRecord) -> None:
         MODEL_READY.labels(record.name, record.label_version).set(0)
 
 
+def report_failure(record: ModelRecord, kind: str) -> Callable[[WorkerLoop[Any]], None]:
+    """The `on_failure` of a model's engine or sampler: once its scheduler stays down, the model is
+    unavailable (an ERROR log line) with a `fault`, which keeps /readyz at 503."""
+
+    def on_failure(worker: WorkerLoop[Any]) -> None:
+        record.fault = f"its {kind} stopped: {worker.failure}"
+        record.fail(record.fault)
+        MODEL_READY.labels(record.name, record.label_version).set(0)
+
+    return on_failure
+
+
+def register_models(registry: ModelRegistry, settings: Settings) -> None:
+    """Every selected model of the store, in state `loading`."""
+    selected = settings.model_filter()
+    for record in scan_store(settings.store):
+        if selected is None or record.name in selected:
+            registry.add(record)
+            MODEL_READY.labels(record.name, record.label_version).set(0)
+
+
+async def load_all(app: FastAPI, registry: ModelRegistry, settings: Settings, budget: ItemBudget) -> None:
+    """Verify, load, warm up and start every model in turn, then mark loading done (`app.state.ready`).
+
+    Under strict the first model that fails raises `StartupError`."""
+    for record in registry:
+        started = time.perf_counter()
+        await asyncio.to_thread(load_model, record, settings)
+        record.load_seconds = time.perf_counter() - started
+        if record.state != "unavailable":
+            await start_model(record, settings, budget)
+        if record.state == "unavailable" and settings.strict:
+            raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
+    app.state.ready = True
+    log.info("ready: %s", ", ".join(f"{r.name}/{r.version}={r.state}" for r in registry) or "no models")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load and start every selected model in turn, serve, then stop them all."""
+    """Load and start every selected model (in the background unless strict or `load_in_background` is off),
+    drain on SIGTERM, then stop them all."""
     settings: Settings = app.state.settings
     registry = ModelRegistry()
     app.state.models = registry
     app.state.ready = False
+    drain: Drain = getattr(app.state, "drain", None) or Drain()
+    app.state.drain = drain
+    drain.draining = False
     app.state.admission = Admission(settings.max_inflight_requests)  # routes: a slot before the body
     budget = app.state.queue_budget = ItemBudget(settings.max_queued_items_total)
+    loader: asyncio.Task[None] | None = None
+    undo_hook = install_sigterm_hook(drain, settings.shutdown_grace_s)
     try:
-        selected = settings.model_filter()
-        for record in scan_store(settings.store):
-            if selected is not None and record.name not in selected:
-                continue
-            registry.add(record)
-            MODEL_READY.labels(record.name, record.label_version).set(0)
-        for record in registry:
-            started = time.perf_counter()
-            await asyncio.to_thread(load_model, record, settings)
-            record.load_seconds = time.perf_counter() - started
-            if record.state != "unavailable":
-                await start_model(record, settings, budget)
-            if record.state == "unavailable" and settings.strict:
-                raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
-        app.state.ready = True
-        log.info("ready: %s", ", ".join(f"{r.name}/{r.version}={r.state}" for r in registry) or "no models")
+        register_models(registry, settings)
+        if settings.load_in_background and not settings.strict:
+            loader = asyncio.create_task(load_all(app, registry, settings, budget), name="load-models")
+        else:
+            await load_all(app, registry, settings, budget)
         yield
     finally:
+        drain.draining = True
         app.state.ready = False
+        if loader is not None:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+        if undo_hook is not None:
+            undo_hook()
         for record in registry:
             await stop_model(record)

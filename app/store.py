@@ -3,10 +3,16 @@
 Layout: `<store>/<model>/<version>/manifest.json` plus the files its `artifacts` list. The newest
 version of each model (numeric order: "10" > "9", "1.10" > "1.9") is served. A model that fails any
 check is kept as `unavailable` with its reason, so `/v1/models` can say why it is missing.
+
+Verify, then load exactly what was verified: every artifact's size and sha256 are checked first
+(`verify_artifacts`), and each artifact a runtime loads is read once more into memory, checked again
+(`read_verified`) and handed to the runtime as bytes, so a file swapped in the meantime is never loaded.
+What each format may unpickle or execute is documented in its `app.runtime` module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +58,7 @@ class ModelRecord:
     engine: Engine | None = None  # set by the lifespan once the model is loaded
     sampler: ContinuousDdimSampler | None = None  # ddim models only
     load_seconds: float = 0.0
+    fault: str = ""  # why a model that was serving stopped (its engine or sampler scheduler failed)
 
     def fail(self, reason: str) -> None:
         self.state = "unavailable"
@@ -88,29 +95,43 @@ def choose_format(op: OpSpec, prefer: str) -> ArtifactFormat:
     raise StoreError("op has no artifact")
 
 
-def load_runtime(fmt: ArtifactFormat, path: Path, op: OpSpec, settings: Settings) -> Runtime:
+def read_verified(version_dir: Path, manifest: Manifest, relative: str) -> bytes:
+    """The bytes of one artifact, read once and checked against its manifest record (size and sha256).
+
+    Runtimes load exactly these bytes, never the path again: a file replaced after this check (or
+    after `verify_artifacts`) is not what runs."""
+    record = next(a for a in manifest.artifacts if a.path == relative)  # the manifest schema ensures one
+    path = resolve_artifact(version_dir, relative)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"artifact {relative} unreadable: {exc.strerror}") from exc
+    if len(data) != record.bytes:
+        raise StoreError(f"artifact {relative} has {len(data)} bytes, manifest says {record.bytes}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256.lower():
+        raise StoreError(f"artifact {relative} sha256 mismatch: {digest[:12]}… != {record.sha256[:12]}…")
+    return data
+
+
+def load_runtime(fmt: ArtifactFormat, version_dir: Path, manifest: Manifest, op: OpSpec, settings: Settings) -> Runtime:
+    """The runtime of `op` in format `fmt`, built from the verified bytes of its artifact."""
+    relative = op.artifacts[fmt]
+    path = resolve_artifact(version_dir, relative)
+    data = read_verified(version_dir, manifest, relative)
+    common = {"device": settings.device, "intra_op_threads": settings.intra_op_threads, "data": data}
     if fmt == "onnx":
         from app.runtime.onnx import OnnxRuntime
 
-        return OnnxRuntime(path, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        return OnnxRuntime(path, **common)
     if fmt == "aoti":
         from app.runtime.aoti import AotiRuntime
 
-        return AotiRuntime(
-            path,
-            inputs=op.inputs,
-            outputs=op.outputs,
-            device=settings.device,
-            intra_op_threads=settings.intra_op_threads,
-        )
+        return AotiRuntime(path, inputs=op.inputs, outputs=op.outputs, **common)
     from app.runtime.torch_export import TorchExportRuntime
 
     return TorchExportRuntime(
-        path,
-        input_names=[s.name for s in op.inputs],
-        output_names=[s.name for s in op.outputs],
-        device=settings.device,
-        intra_op_threads=settings.intra_op_threads,
+        path, input_names=[s.name for s in op.inputs], output_names=[s.name for s in op.outputs], **common
     )
 
 
@@ -131,17 +152,13 @@ def load_model(record: ModelRecord, settings: Settings) -> None:
         for op_name, op in manifest.ops.items():
             fmt = choose_format(op, settings.prefer)
             try:
-                record.runtimes[op_name] = load_runtime(
-                    fmt, resolve_artifact(record.path, op.artifacts[fmt]), op, settings
-                )
+                record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings)
             except RuntimeLoadError as exc:
                 # the preferred format may need torch; fall back to ONNX when it exists
                 if fmt != "onnx" and "onnx" in op.artifacts:
                     log.warning("%s/%s %s: %s; using onnx", record.name, record.version, op_name, exc)
                     fmt = "onnx"
-                    record.runtimes[op_name] = load_runtime(
-                        fmt, resolve_artifact(record.path, op.artifacts[fmt]), op, settings
-                    )
+                    record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings)
                 else:
                     raise StoreError(f"op {op_name}: {exc}") from exc
             record.formats[op_name] = fmt
@@ -165,16 +182,8 @@ def _load_saliency(record: ModelRecord, manifest: Manifest, settings: Settings) 
         record.saliency = existing
         return
     try:
-        from app.runtime.torch_export import TorchExportRuntime
-
         assert record.path is not None
-        record.saliency = TorchExportRuntime(
-            resolve_artifact(record.path, op.artifacts["torch_export"]),
-            input_names=[s.name for s in op.inputs],
-            output_names=[s.name for s in op.outputs],
-            device=settings.device,
-            intra_op_threads=settings.intra_op_threads,
-        )
+        record.saliency = load_runtime("torch_export", record.path, manifest, op, settings)
     except RuntimeLoadError as exc:
         record.saliency_reason = str(exc)
         log.warning("%s/%s: saliency unavailable: %s", record.name, record.version, exc)
@@ -197,8 +206,3 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return len(self.records)
-
-    @property
-    def all_ready(self) -> bool:
-        """Every model that is not unavailable is warm (vacuously true for an empty store)."""
-        return all(r.state != "loading" for r in self.records.values())

@@ -1,4 +1,6 @@
-"""System routes: model list and summaries, liveness, readiness, Prometheus metrics."""
+"""System routes: model list and summaries, liveness, readiness, Prometheus metrics.
+
+Non-admins (see `app.api.security`) see model summaries without build-host details."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import RecordDep, RegistryDep, SettingsDep
+from app.api.security import is_admin, public_view, scrub_paths
 from app.metrics import REGISTRY
 from app.runtime.torch_export import SALIENCY_METHOD
-from app.store import ModelRecord
+from app.store import ModelRecord, ModelRegistry
 
 router = APIRouter(tags=["system"])
 
@@ -74,15 +77,19 @@ def summary(record: ModelRecord, settings_max_batch: int) -> dict[str, Any]:
 
 
 @router.get("/v1/models", summary="Every model of the store with its state (ready / unavailable + reason)")
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
-    return {"models": [list_item(r) for r in registry]}
+async def list_models(request: Request, registry: RegistryDep) -> dict[str, Any]:
+    models = [list_item(r) for r in registry]
+    return {"models": models if is_admin(request) else scrub_paths(models)}
 
 
 @router.get(
-    "/v1/models/{name}", summary="Manifest summary: capabilities, I/O, preprocessing, artifacts, metrics"
+    "/v1/models/{name}",
+    summary="Manifest summary: capabilities, I/O, preprocessing, artifacts, metrics (build-host details for"
+    " admins only)",
 )
-async def describe_model(record: RecordDep, settings: SettingsDep) -> dict[str, Any]:
-    return summary(record, settings.max_batch_size)
+async def describe_model(request: Request, record: RecordDep, settings: SettingsDep) -> dict[str, Any]:
+    full = summary(record, settings.max_batch_size)
+    return full if is_admin(request) else public_view(full)
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -90,13 +97,33 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def not_ready_because(state: Any, registry: ModelRegistry) -> str:
+    """Why the service is not ready ('' when it is): draining, loading, no model, a model that broke."""
+    drain = getattr(state, "drain", None)
+    if drain is not None and drain.draining:
+        return "shutting down"
+    loading = [r.name for r in registry if r.state == "loading"]
+    if loading or not getattr(state, "ready", False):
+        return f"loading: {', '.join(loading)}" if loading else "starting"
+    if not len(registry):
+        return "the model store holds no models"
+    broken = [f"{r.name} ({r.fault})" for r in registry if r.fault]
+    if broken:
+        return "stopped serving: " + ", ".join(broken)
+    if not any(r.state == "ready" for r in registry):
+        return "no model could be loaded (see /v1/models for each reason)"
+    return ""
+
+
 @router.get(
-    "/readyz", summary="Readiness: 200 once every available model is warm, 503 before and while draining"
+    "/readyz",
+    summary="Readiness: 200 once every model is warm or failed to load (at least one ready); 503 with each"
+    " model's state while loading, when no model is ready, when a model's engine died, and while draining",
 )
 async def readyz(request: Request, registry: RegistryDep) -> Response:
-    ready = bool(getattr(request.app.state, "ready", False)) and registry.all_ready
-    body = {"ready": ready, "models": {r.name: r.state for r in registry}}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    reason = not_ready_because(request.app.state, registry)
+    body = {"ready": not reason, "reason": reason or None, "models": {r.name: r.state for r in registry}}
+    return JSONResponse(body, status_code=503 if reason else 200)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -2,11 +2,18 @@
 
 AOTI programs accept wrong shapes silently (and may read out of bounds), so every input is checked
 against the manifest's TensorSpec in Python before it runs: dtype, rank and every fixed axis.
+
+Loading a package unpickles nothing but runs its compiled shared library (native code, by design):
+only a store the operator trusts may hold one, and only the bytes whose sha256 matched the manifest
+are loaded. The loader needs a path, so the verified bytes (`data`) are written to a new file in a
+private directory (mode 0700) and loaded from there, then deleted: the store's file, which could be
+swapped after verification, is never opened again.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -49,14 +56,22 @@ class AotiRuntime:
         device: Literal["auto", "cpu", "cuda"] = "auto",
         intra_op_threads: int = 1,
         loader: Any = None,
+        data: bytes | None = None,
     ) -> None:
+        """`data`: the verified bytes of the package at `path` (None: load `path` itself)."""
         torch = import_torch()
         self._torch = torch
         torch.set_num_threads(intra_op_threads)
         self.device = pick_torch_device(torch, device)
         try:
             load = loader or torch._inductor.aoti_load_package
-            self.program = load(str(path))
+            if data is None:
+                self.program = load(str(path))
+            else:
+                with tempfile.TemporaryDirectory(prefix="aeserve-aoti-") as private:  # created 0700
+                    copy = Path(private) / Path(path).name
+                    copy.write_bytes(data)
+                    self.program = load(str(copy))
         except Exception as exc:
             raise RuntimeLoadError(f"cannot load AOTInductor package {Path(path).name}: {exc}") from exc
         self.inputs = list(inputs)

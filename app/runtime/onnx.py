@@ -1,10 +1,20 @@
-"""ONNX Runtime session: CUDA when a GPU really works (checked after creating the session), else CPU."""
+"""ONNX Runtime session: CUDA when a GPU really works (checked after creating the session), else CPU.
+
+Nothing is unpickled: an ONNX file is a protobuf. The session is built from the bytes the store
+verified (`data`, whose sha256 matched the manifest), never by reopening the path, so a file swapped
+after verification is not what runs. The service loads only self-contained ONNX files: a model that
+keeps tensors in external files (whose locations could leave the version folder, and which no sha256
+covers) is refused: by inspecting it with `onnx` when installed (parsed from bytes, which reads no
+external data), and in any case by ONNX Runtime, which gets no model path and an external-data folder
+that cannot exist.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -14,6 +24,46 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# where ONNX Runtime looks for external data of a model built from bytes: a folder that never exists
+NO_EXTERNAL_DATA_FOLDER = os.path.join(os.devnull, "no-external-data")
+
+
+def external_data_locations(data: bytes) -> list[str] | None:
+    """The external-data file of every tensor that has one (None: `onnx` is not installed to tell)."""
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    except ImportError:
+        return None
+    model = onnx.load_model_from_string(data)  # from bytes: external data is never read
+    return [ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def refuse_external_data(data: bytes, name: str) -> None:
+    """RuntimeLoadError when the model keeps tensors outside its own file."""
+    try:
+        locations = external_data_locations(data)
+    except Exception as exc:
+        raise RuntimeLoadError(f"cannot parse ONNX model {name}: {exc}") from exc
+    if locations:
+        raise RuntimeLoadError(
+            f"ONNX model {name} keeps tensors in external files {sorted(set(locations))}; the service loads"
+            " only self-contained ONNX files (external data is neither hashed nor confined to the version folder)"
+        )
+
+
+def session_options(ort: Any, intra_op_threads: int) -> Any:
+    """Sequential, no spinning threads, every graph optimisation, no external data."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_EXTERNAL_DATA_FOLDER)
+    options.log_severity_level = 3
+    return options
 
 
 class OnnxRuntime:
@@ -22,27 +72,27 @@ class OnnxRuntime:
     format = "onnx"
 
     def __init__(
-        self, path: Path, *, device: Literal["auto", "cpu", "cuda"] = "auto", intra_op_threads: int = 1
+        self,
+        path: Path,
+        *,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+        intra_op_threads: int = 1,
+        data: bytes | None = None,
     ) -> None:
+        """`data`: the verified bytes of the model at `path` (read from `path` when None)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - the cpu/gpu extra installs it
             raise RuntimeLoadError("onnxruntime is not installed (pip install 'aeserve[cpu]')") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.log_severity_level = 3
-
+        options = session_options(ort, intra_op_threads)
         self.path = Path(path)
+        model = data if data is not None else self._read(self.path)
+        refuse_external_data(model, self.path.name)
         self.session = None
         self.fallback_reason = ""
         if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
             try:
-                session = ort.InferenceSession(str(path), options, providers=[CUDA, CPU])
+                session = ort.InferenceSession(model, options, providers=[CUDA, CPU])
                 if session.get_providers()[0] == CUDA:
                     self.session = session
                 else:
@@ -55,7 +105,7 @@ class OnnxRuntime:
             if device == "cuda":
                 raise RuntimeLoadError(f"device=cuda but CUDA is not usable: {self.fallback_reason}")
             try:
-                self.session = ort.InferenceSession(str(path), options, providers=[CPU])
+                self.session = ort.InferenceSession(model, options, providers=[CPU])
             except Exception as exc:
                 raise RuntimeLoadError(f"cannot load ONNX model {self.path.name}: {exc}") from exc
         self.provider: str = self.session.get_providers()[0]
@@ -67,6 +117,13 @@ class OnnxRuntime:
             self.provider,
             f" ({self.fallback_reason})" if self.fallback_reason else "",
         )
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise RuntimeLoadError(f"cannot read ONNX model {path.name}: {exc}") from exc
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, inputs)

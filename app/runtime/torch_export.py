@@ -1,12 +1,31 @@
 """A `torch.export` program (.pt2): runs an op and computes input-gradient saliency.
 
 torch is optional for the service; it is imported only when such an artifact is loaded.
+
+What `torch.export.load` may unpickle (torch 2.4-2.13, `torch.export.pt2_archive._package`): weights
+and tensor constants saved with `use_pickle` (tensor subclasses: `torch.load(weights_only=False)`),
+torchbind custom objects (`custom_obj_*`, the TorchScript unpickler), opaque objects (`opaque_obj_*`,
+plain `pickle.loads`), legacy `data/weights|constants/<model>.pt` files, the sample inputs
+(`torch.load`, retried with `weights_only=False` when the safe load fails) and, for archives without
+`archive_format`, the pre-2.8 zip layout; an archive with `data/aotinductor/` files also gets its
+compiled native code loaded. A service must run none of that from a file it was handed, so:
+- only the bytes whose sha256 matched the manifest are loaded (`data`, read once by the store and
+  handed over as bytes: never the path again, so a file swapped after verification is not loaded);
+- `refuse_unsafe_archive` inspects the archive first, with torch's own reader, and refuses every
+  entry above that would unpickle or load native code;
+- the load runs with TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, so any `torch.load` left (the sample inputs)
+  uses the weights-only unpickler, which builds tensors and containers and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +54,56 @@ def pick_torch_device(torch: Any, device: Literal["auto", "cpu", "cuda"]) -> str
     return "cuda" if usable and device != "cpu" else "cpu"
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside uses the weights-only unpickler, whatever its caller asks for."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def unsafe_entries(data: bytes) -> list[str]:
+    """The entries of a .pt2 archive whose loading would unpickle or load native code."""
+    from torch.export.pt2_archive import PT2ArchiveReader
+    from torch.export.pt2_archive import constants as pt2
+
+    found = []
+    reader = PT2ArchiveReader(io.BytesIO(data))  # refuses archives without archive_format (the old zip)
+    for name in reader.get_file_names():
+        in_payload_dir = name.startswith((pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR))
+        if name.startswith(pt2.AOTINDUCTOR_DIR) or (in_payload_dir and name.endswith(".pt")):
+            found.append(name)
+        elif in_payload_dir and name.endswith("_config.json"):
+            config = json.loads(reader.read_string(name)).get("config", {})
+            for fqn, payload in config.items():
+                pickled = payload.get("use_pickle") or str(payload.get("path_name", "")).startswith(
+                    (pt2.CUSTOM_OBJ_FILENAME_PREFIX, pt2.OPAQUE_OBJ_FILENAME_PREFIX)
+                )
+                if pickled:
+                    found.append(f"{name}:{fqn}")
+    return found
+
+
+def refuse_unsafe_archive(data: bytes, name: str) -> None:
+    """RuntimeLoadError unless the .pt2 holds only plain tensors and the serialized graph."""
+    try:
+        found = unsafe_entries(data)
+    except Exception as exc:
+        raise RuntimeLoadError(f"cannot read torch.export archive {name}: {exc}") from exc
+    if found:
+        raise RuntimeLoadError(
+            f"torch.export archive {name} holds pickled objects or native code ({', '.join(found[:5])});"
+            " the service loads only plain tensors"
+        )
+
+
 def first_tensor(output: Any) -> Any:
     if isinstance(output, (tuple, list)):
         return output[0]
@@ -56,21 +125,30 @@ class TorchExportRuntime:
         output_names: list[str],
         device: Literal["auto", "cpu", "cuda"] = "auto",
         intra_op_threads: int = 1,
+        data: bytes | None = None,
     ) -> None:
+        """`data`: the verified bytes of the program at `path` (read from `path` when None)."""
         torch = import_torch()
         self._torch = torch
         torch.set_num_threads(intra_op_threads)
         self.device = pick_torch_device(torch, device)
+        name = Path(path).name
         try:
-            program = torch.export.load(str(path))
+            program_bytes = data if data is not None else Path(path).read_bytes()
+        except OSError as exc:
+            raise RuntimeLoadError(f"cannot read torch.export program {name}: {exc}") from exc
+        refuse_unsafe_archive(program_bytes, name)
+        try:
+            with weights_only_loads():
+                program = torch.export.load(io.BytesIO(program_bytes))
         except Exception as exc:
-            raise RuntimeLoadError(f"cannot load torch.export program {Path(path).name}: {exc}") from exc
+            raise RuntimeLoadError(f"cannot load torch.export program {name}: {exc}") from exc
         self.module = program.module().to(self.device)
         self.provider = f"torch:{self.device}"
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self._lock = threading.Lock()  # one call in flight: the module is not re-entrant under autograd
-        log.info("torch.export %s on %s", Path(path).name, self.provider)
+        log.info("torch.export %s on %s", name, self.provider)
 
     def _tensors(self, inputs: dict[str, np.ndarray]) -> list[Any]:
         return [

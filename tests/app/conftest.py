@@ -43,6 +43,7 @@ def make_settings(store: Path, **overrides) -> Settings:
         "max_num_samples": 8,
         "max_upload_bytes": 200_000,
         "request_timeout_s": 20.0,
+        "load_in_background": False,  # in-process tests start serving once every model is loaded
         **overrides,
     }
     return Settings(**values)

@@ -42,7 +42,7 @@ def test_without_torch_attention_map_is_501_for_saliency_and_200_without(ae_only
 
     monkeypatch.setattr(torch_export, "import_torch", no_torch)
     image = npy_bytes(np.random.default_rng(0).random((1, 16, 16)).astype(np.float32))
-    with TestClient(create_app(make_settings(ae_only, warmup=False))) as client:
+    with TestClient(create_app(make_settings(ae_only, warmup=False, load_in_background=False))) as client:
         response = client.post("/v1/models/tiny-ae/attention-map", content=image)
         assert response.status_code == 501
         error = response.json()["error"]
@@ -57,7 +57,8 @@ def test_without_torch_attention_map_is_501_for_saliency_and_200_without(ae_only
 
 def test_deadline_is_504(ae_only):
     image = npy_bytes(np.zeros((1, 16, 16), np.float32))
-    with TestClient(create_app(make_settings(ae_only, warmup=False, request_timeout_s=1e-9))) as client:
+    settings = make_settings(ae_only, warmup=False, load_in_background=False, request_timeout_s=1e-9)
+    with TestClient(create_app(settings)) as client:
         response = client.post("/v1/models/tiny-ae/reconstruct", content=image)
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "deadline_exceeded"
@@ -104,7 +105,7 @@ def test_queue_full_is_429_with_retry_after(ae_only, monkeypatch):
 
     monkeypatch.setattr(OnnxRuntime, "run", blocking_run)
     image = npy_bytes(np.zeros((1, 16, 16), np.float32))
-    app = create_app(make_settings(ae_only, warmup=False, max_queue_items=1))
+    app = create_app(make_settings(ae_only, warmup=False, load_in_background=False, max_queue_items=1))
     response, first, second = asyncio.run(_fill_the_queue(app, image, running, release))
     assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
     assert response.json()["error"] == {

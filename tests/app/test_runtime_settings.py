@@ -54,3 +54,17 @@ def test_corrupt_onnx_is_a_load_error(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(RuntimeLoadError, match=r"bad\.onnx"):
         OnnxRuntime(bad, device="cpu")
+
+
+def test_lifecycle_and_security_settings(monkeypatch):
+    defaults = Settings()
+    assert defaults.load_in_background is True and defaults.shutdown_grace_s == 30.0
+    assert defaults.api_token is None and not defaults.auth_metrics and not defaults.auth_docs
+    assert defaults.cors_origins == ""  # CORS off
+    monkeypatch.setenv("AESERVE_API_TOKEN", "x" * 16)
+    monkeypatch.setenv("AESERVE_AUTH_METRICS", "true")
+    monkeypatch.setenv("AESERVE_CORS_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("AESERVE_SHUTDOWN_GRACE_S", "5")
+    settings = Settings()
+    assert settings.api_token == "x" * 16 and settings.auth_metrics and settings.shutdown_grace_s == 5.0
+    assert settings.cors_origins == "https://a.example,https://b.example"

@@ -27,11 +27,13 @@ def test_scan_picks_newest_version_and_ignores_files(store: Path):
     assert scan_store(store / "missing") == []
 
 
-def test_sha256_mismatch_makes_the_model_unavailable(store: Path):
+def test_sha256_mismatch_makes_the_model_unavailable(store: Path, caplog):
     record = ModelRecord("tiny-broken", "1", store / "tiny-broken" / "1")
     load_model(record, make_settings(store))
     assert record.state == "unavailable" and "sha256 mismatch" in record.reason
     assert record.runtimes == {}
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "model tiny-broken/1 unavailable: artifact encode.onnx sha256 mismatch: " in "\n".join(logged)
 
 
 def _copy(store: Path, tmp_path: Path, model: str) -> Path:
@@ -78,7 +80,7 @@ def test_strict_startup_fails_on_a_broken_model(store: Path):
 def test_lenient_startup_without_warmup_serves_the_rest(store: Path, tmp_path: Path):
     _copy(store, tmp_path, "tiny-render")
     _copy(store, tmp_path, "tiny-broken")
-    with TestClient(create_app(make_settings(tmp_path, warmup=False))) as client:
+    with TestClient(create_app(make_settings(tmp_path, warmup=False, load_in_background=False))) as client:
         assert client.get("/readyz").status_code == 200
         assert client.post("/v1/models/tiny-render/decode?format=npy").status_code == 200
         states = {m["name"]: m["state"] for m in client.get("/v1/models").json()["models"]}
