@@ -2,6 +2,9 @@
 
 Nothing here knows about HTTP or models beyond the manifest's `Preprocessing`; every problem with a
 client's bytes is an `InvalidInput` naming the field and the limit. Image arrays are float32 NCHW.
+Sizes come first, from the headers (`app.image_headers`); images are then decoded one frame at a time
+(`iter_frames`) and each frame prepared for the model (`app.preprocess`), so the working memory of a
+request is what its headers declare, not a multiple of it.
 Choosing the response format from the request is HTTP, not a codec: see `app.api.negotiation`.
 """
 
@@ -10,92 +13,64 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
-from PIL.Image import DecompressionBombError
+from PIL import Image
 
-from app.errors import InvalidInput
-from app.schemas.manifest import Preprocessing
+from app.errors import InvalidInput, ServiceError
+from app.image_headers import (
+    ACCEPTED_FORMATS,
+    PLAIN_TIFF,
+    VALUE_KINDS,
+    ImageHeader,
+    npy_array,
+    npy_header,
+    read_header,
+    sniff_format,
+)
+from app.preprocess import convert_channels
+
+__all__ = ["sniff_format"]
 
 NPY_MEDIA_TYPE = "application/x-npy"
 PNG_MEDIA_TYPE = "image/png"
 JSON_MEDIA_TYPE = "application/json"
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_NPY_MAGIC = b"\x93NUMPY"
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-MAX_DECODED_PIXELS = 2**28  # per uploaded file (a body or one multipart part): 1 GiB as float32
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as Pillow's "L" conversion
+PILLOW_FORMATS = ("PNG",)  # all Pillow may parse: TIFF goes to tifffile, NPY to numpy; never EPS/PS/GIF...
+MAX_DECODED_PIXELS = 2**28  # values per uploaded file (a body or one multipart part): 1 GiB as float32
+_JSON_BYTES_PER_NUMBER = 40  # a parsed JSON number: a Python float (24 B) and its list slot, with slack
 
 
 # ----------------------------------------------------------------------------------------------- images in
-def sniff_format(data: bytes) -> str:
-    """'png' | 'tiff' | 'npy' | 'other' from the first bytes."""
-    if data.startswith(_PNG_MAGIC):
-        return "png"
-    if data.startswith(_NPY_MAGIC):
-        return "npy"
-    if data[:4] in _TIFF_MAGICS:
-        return "tiff"
-    return "other"
-
-
 def to_unit_float(array: np.ndarray, field: str = "file") -> np.ndarray:
     """Integer images are divided by their dtype's max (-> [0, 1]); floats are kept; NaN/Inf is refused."""
-    if array.dtype == np.bool_:
+    kind = array.dtype.kind
+    if kind == "b":
         out = array.astype(np.float32)
-    elif np.issubdtype(array.dtype, np.integer):
-        out = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
-    elif np.issubdtype(array.dtype, np.floating):
+    elif kind in "iu":
+        out = array.astype(np.float32)
+        out /= np.float32(np.iinfo(array.dtype).max)
+    elif kind == "f":
         out = array.astype(np.float32, copy=False)
     else:
-        raise InvalidInput(f"unsupported array dtype {array.dtype}", field=field, limit="integer or float")
+        raise InvalidInput(f"unsupported array dtype {array.dtype}", field=field, limit=VALUE_KINDS)
     if not np.isfinite(out).all():
         raise InvalidInput("image contains NaN or Inf values", field=field, limit="finite values")
     return out
 
 
-def _check_pixels(count: int, field: str) -> None:
-    if count > MAX_DECODED_PIXELS:
-        raise InvalidInput(
-            f"image decodes to {count} values", field=field, limit=MAX_DECODED_PIXELS, code="image_too_large"
-        )
-
-
-def _pil_to_nchw(data: bytes, field: str) -> np.ndarray:
-    try:
-        image = Image.open(io.BytesIO(data))
-        count = getattr(image, "n_frames", 1)
-        _check_pixels(count * image.width * image.height * len(image.getbands()), field)
-        frames = []
-        for index in range(count):
-            image.seek(index)
-            frames.append(_pil_frame(image))
-    except (UnidentifiedImageError, DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(f"cannot decode image: {exc}", field=field, limit="PNG, TIFF or NPY") from exc
-    shapes = {f.shape for f in frames}
-    if len(shapes) != 1:
-        raise InvalidInput("frames of the image differ in size", field=field)
-    return np.stack(frames)
-
-
 def _pil_frame(image: Image.Image) -> np.ndarray:
-    """One Pillow frame -> (C, H, W) float32 in [0, 1] (8/16/32-bit integer or float modes)."""
+    """One Pillow PNG frame -> (C, H, W) float32 in [0, 1]."""
     mode = image.mode
-    if mode in ("1", "L", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if mode in ("1", "L", "I;16", "I;16B"):  # PNG modes of Pillow >= 10 (16-bit gray is I;16, never I)
         array = np.asarray(image)
         if mode == "1":
             array = array.astype(np.uint8) * 255
         return to_unit_float(array)[None]
-    if mode == "I":  # 32-bit integer container; PNG/TIFF 16-bit data arrive this way in some Pillow builds
-        array = np.asarray(image)
-        bits = 16 if array.max(initial=0) <= 65535 and array.min(initial=0) >= 0 else 32
-        return (array.astype(np.float64) / (2**bits - 1)).astype(np.float32)[None]
-    if mode in ("LA", "PA"):
+    if mode == "LA":
         image = image.convert("LA")
         return to_unit_float(np.asarray(image)[..., 0])[None]
     if mode not in ("RGB", "RGBA"):
@@ -104,154 +79,91 @@ def _pil_frame(image: Image.Image) -> np.ndarray:
     return np.moveaxis(to_unit_float(array), -1, 0)
 
 
-def _tiff_to_nchw(data: bytes, field: str) -> np.ndarray:
+def _png_frames(data: bytes) -> Iterator[np.ndarray]:
+    with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            yield _pil_frame(image)
+
+
+def _tiff_frames(data: bytes, field: str) -> Iterator[np.ndarray]:
+    """The first series of a plain TIFF (its declared size, read at once), one (C, H, W) frame at a time."""
+    with tifffile.TiffFile(io.BytesIO(data), **PLAIN_TIFF) as tif:
+        series = tif.series[0]
+        array, axes = series.asarray(maxworkers=1), series.axes
+    # samples (colour channels) become axis -3, every other leading axis a frame
+    array = np.moveaxis(array, axes.index("S"), -3) if "S" in axes else array[..., None, :, :]
+    for index in np.ndindex(*array.shape[:-3]):
+        yield to_unit_float(array[index], field)
+
+
+def _npy_frames(data: bytes, field: str) -> Iterator[np.ndarray]:
+    array = npy_array(data, npy_header(data, field))  # a view of `data`
+    array = array[None, None] if array.ndim == 2 else array[:, None] if array.ndim == 3 else array
+    for frame in array:
+        yield to_unit_float(frame, field)
+
+
+def iter_frames(data: bytes, header: ImageHeader, field: str = "file") -> Iterator[np.ndarray]:
+    """Decode an upload whose `header` was read (and sized): float32 (C, H, W) frames, C as stored."""
+    frames = {"npy": _npy_frames, "tiff": _tiff_frames}.get(header.kind)
+    source = frames(data, field) if frames else _png_frames(data)
+    expected = (header.bands, header.height, header.width)
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            series = tif.series[0]
-            axes = series.axes
-            _check_pixels(int(np.prod(series.shape)), field)
-            array = series.asarray()
-    except InvalidInput:
+        for count, frame in enumerate(source, start=1):
+            if frame.shape != expected or count > header.frames:
+                raise InvalidInput(
+                    f"decoded frame {count} has shape {list(frame.shape)}, its header declares {header.describe}",
+                    field=field,
+                    limit=list(expected),
+                )
+            yield frame
+    except ServiceError:
         raise
-    except Exception as exc:  # tifffile raises many types for corrupt files
-        raise InvalidInput(f"cannot decode TIFF: {exc}", field=field, limit="PNG, TIFF or NPY") from exc
-    if "S" in axes:  # samples (colour channels) become axis 1, every other leading axis N
-        array = np.moveaxis(array, axes.index("S"), -1)
-        array = array.reshape(-1, *array.shape[-3:])
-        array = np.moveaxis(array, -1, 1)
-    else:
-        array = array.reshape(-1, 1, *array.shape[-2:]) if array.ndim >= 2 else array
-    if array.ndim != 4:
-        raise InvalidInput(f"TIFF has shape {series.shape}", field=field, limit="(H,W), (N,H,W) or RGB")
-    return to_unit_float(array, field)
-
-
-def _npy_to_nchw(data: bytes, field: str) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # ValueError, EOFError, UnpicklingError...
-        raise InvalidInput(f"cannot read NPY: {exc}", field=field, limit="NPY without pickles") from exc
-    if array.ndim == 2:
-        array = array[None, None]
-    elif array.ndim == 3:
-        array = array[:, None]
-    elif not (array.ndim == 4 and array.shape[1] in (1, 3, 4)):
-        raise InvalidInput(
-            f"NPY image has shape {list(array.shape)}",
-            field=field,
-            limit="(H,W) | (N,H,W) | (N,C,H,W), C in 1,3,4",
-        )
-    return to_unit_float(array, field)
+    except Exception as exc:  # Pillow, tifffile and numpy raise many types for corrupt files
+        raise InvalidInput(f"cannot decode image: {exc}", field=field, limit=ACCEPTED_FORMATS) from exc
 
 
 def decode_image_bytes(data: bytes, field: str = "file") -> np.ndarray:
-    """Bytes of a PNG / TIFF / NPY (or other Pillow format) -> float32 (N, C, H, W), C as stored."""
-    if not data:
-        raise InvalidInput("empty image body", field=field, limit="PNG, TIFF or NPY bytes")
-    kind = sniff_format(data)
-    if kind == "npy":
-        array = _npy_to_nchw(data, field)
-    elif kind == "tiff":
-        array = _tiff_to_nchw(data, field)
-    else:
-        array = _pil_to_nchw(data, field)
-    if array.shape[-1] == 0 or array.shape[-2] == 0 or array.shape[0] == 0:
-        raise InvalidInput(f"image has an empty axis: {list(array.shape)}", field=field, limit="non-empty")
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """(N, C, H, W) -> (N, channels, H, W): RGB->gray by luma, alpha dropped, gray->RGB repeated."""
-    have = images.shape[1]
-    if have == 4:
-        images, have = images[:, :3], 3
-    if have == channels:
-        return images
-    if have == 3 and channels == 1:
-        return np.tensordot(images, _LUMA, axes=([1], [0]))[:, None].astype(np.float32)
-    if have == 1:
-        return np.repeat(images, channels, axis=1)
-    raise InvalidInput(f"image has {have} channels", field="file", limit=f"1 or {channels} channels")
-
-
-def resize_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (N, C, H, W) to `size` (H, W), half-pixel centres (torch align_corners=False)."""
-    out_h, out_w = size
-    in_h, in_w = images.shape[-2:]
-    if (in_h, in_w) == (out_h, out_w):
-        return images
-
-    def axis(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = (np.arange(out_len, dtype=np.float64) + 0.5) * (in_len / out_len) - 0.5
-        src = np.clip(src, 0, in_len - 1)
-        low = np.floor(src).astype(np.int64)
-        high = np.minimum(low + 1, in_len - 1)
-        return low, high, (src - low).astype(np.float32)
-
-    y0, y1, wy = axis(in_h, out_h)
-    x0, x1, wx = axis(in_w, out_w)
-    rows = images[..., y0, :] * (1 - wy)[:, None] + images[..., y1, :] * wy[:, None]
-    return (rows[..., x0] * (1 - wx) + rows[..., x1] * wx).astype(np.float32)
-
-
-def prepare_images(
-    images: np.ndarray,
-    preprocessing: Preprocessing,
-    input_shape: Sequence[int],
-    *,
-    max_frames: int,
-    field: str = "file",
-) -> np.ndarray:
-    """Client images (N, C, H, W) -> model input for an op whose input spec has shape `input_shape`.
-
-    Fixed H, W in the spec (or a dynamic graph of a model without `dynamic_hw`: its `input_size`):
-    resize bilinearly if the manifest allows it, else 422. Dynamic H, W with `dynamic_hw`: any size
-    >= `preprocessing.min_hw` is passed through unchanged.
-    """
-    if images.shape[0] > max_frames:
+    """Bytes of a PNG / TIFF / NPY -> float32 (N, C, H, W), C as stored (at most MAX_DECODED_PIXELS values)."""
+    header = read_header(data, field, max_frames=MAX_DECODED_PIXELS)
+    if header.values > MAX_DECODED_PIXELS:
         raise InvalidInput(
-            f"{images.shape[0]} frames in one request", field=field, limit=max_frames, code="too_many_frames"
+            f"image decodes to {header.values} values",
+            field=field,
+            limit=MAX_DECODED_PIXELS,
+            code="image_too_large",
         )
-    channels = input_shape[1] if len(input_shape) == 4 and input_shape[1] > 0 else preprocessing.channels
-    images = convert_channels(images, channels)
-    want_h, want_w = (int(input_shape[2]), int(input_shape[3])) if len(input_shape) == 4 else (-1, -1)
-    if (want_h <= 0 or want_w <= 0) and not preprocessing.dynamic_hw and preprocessing.input_size is not None:
-        want_h, want_w = preprocessing.input_size  # the graph is dynamic but the model is not meant to be
-    have = tuple(images.shape[-2:])
-    if want_h > 0 and want_w > 0:
-        if have != (want_h, want_w):
-            if preprocessing.resize == "none":
-                raise InvalidInput(
-                    f"image is {have[0]}x{have[1]}; this model does not resize",
-                    field=field,
-                    limit=f"{want_h}x{want_w}",
-                    code="wrong_image_size",
-                )
-            images = resize_bilinear(images, (want_h, want_w))
-    else:
-        min_h, min_w = preprocessing.min_hw
-        if have[0] < min_h or have[1] < min_w:
-            raise InvalidInput(
-                f"image is {have[0]}x{have[1]}",
-                field=field,
-                limit=f">= {min_h}x{min_w}",
-                code="image_too_small",
-            )
-    return np.ascontiguousarray(images, dtype=np.float32)
+    return np.stack(list(iter_frames(data, header, field)))
 
 
 # ----------------------------------------------------------------------------------------------- latents
+def latents_json_bytes(data: bytes, dim: int, *, max_frames: int) -> int:
+    """Memory a JSON latents body may take once parsed, counted before parsing; 422 for bodies that
+    cannot be (N <= max_frames, dim) latents: far too many numbers or lists (deep nesting included)."""
+    numbers, lists, objects = data.count(b",") + 1, data.count(b"["), data.count(b"{")
+    if numbers > 2 * max_frames * dim + 64 or lists > 2 * max_frames + 8 or objects > 64:
+        raise InvalidInput(
+            f"JSON body of {numbers} numbers in {lists} lists and {objects} objects",
+            field="latents",
+            limit=f'{{"latents": (N, {dim})}}, N <= {max_frames}',
+            code="json_too_large",
+        )
+    return len(data) + numbers * _JSON_BYTES_PER_NUMBER
+
+
 def decode_latents_json(data: bytes, dim: int, *, max_frames: int) -> np.ndarray:
-    """`{"latents": [[...], ...]}` (or one flat vector) -> float32 (N, dim)."""
+    """`{"latents": [[...], ...]}` (or one flat vector) -> float32 (N, dim); integers are read as floats."""
+    latents_json_bytes(data, dim, max_frames=max_frames)
     try:
-        payload = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = json.loads(data, parse_int=float)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidInput(f"body is not JSON: {exc}", field="latents", limit='{"latents": [[...]]}') from exc
     if not isinstance(payload, dict) or "latents" not in payload:
         raise InvalidInput("JSON body needs a 'latents' key", field="latents", limit='{"latents": [[...]]}')
     try:
         array = np.asarray(payload["latents"], dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidInput(
             f"latents are not a numeric matrix: {exc}", field="latents", limit=f"(N, {dim})"
         ) from exc
@@ -259,13 +171,21 @@ def decode_latents_json(data: bytes, dim: int, *, max_frames: int) -> np.ndarray
 
 
 def decode_latents_npy(data: bytes, dim: int, *, max_frames: int) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:
-        raise InvalidInput(f"cannot read NPY: {exc}", field="latents", limit="NPY without pickles") from exc
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise InvalidInput(f"latents have dtype {array.dtype}", field="latents", limit="float or int")
-    return check_latents(array.astype(np.float32), dim, max_frames=max_frames)
+    """An NPY of (N, dim) or (dim,) integers or floats -> float32 (N, dim); sized from its header first."""
+    header = npy_header(data, "latents", kinds="iuf", kinds_limit="float or int")
+    rows = header.shape[0] if len(header.shape) == 2 else 1
+    if len(header.shape) in (1, 2) and rows > max_frames:
+        raise InvalidInput(
+            f"{rows} latents in one request", field="latents", limit=max_frames, code="too_many_frames"
+        )
+    if len(header.shape) not in (1, 2) or header.shape[-1] != dim:
+        raise InvalidInput(
+            f"latents have shape {list(header.shape)}",
+            field="latents",
+            limit=f"(N, {dim})",
+            code="wrong_latent_shape",
+        )
+    return check_latents(npy_array(data, header).astype(np.float32), dim, max_frames=max_frames)
 
 
 def check_latents(array: np.ndarray, dim: int, *, max_frames: int) -> np.ndarray:

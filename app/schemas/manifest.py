@@ -50,6 +50,10 @@ class Preprocessing(_Strict):
     resize: Literal["none", "bilinear"] = "bilinear"    # what the service does when a client image differs
     dynamic_hw: bool = False                            # encode accepts any (H, W) without resizing
     min_hw: tuple[int, int] = (1, 1)                     # smallest accepted (H, W) when dynamic_hw
+    # largest accepted (H, W) and H·W when dynamic_hw (the encoder's memory grows with H·W, its attention
+    # with (H·W)²); None: the service's defaults (AESERVE_MAX_DYNAMIC_SIDE, AESERVE_MAX_DYNAMIC_PIXELS)
+    max_hw: tuple[int, int] | None = None
+    max_pixels: int | None = Field(None, ge=1)
     scale: Literal["unit"] = "unit"                     # integer images are divided by their dtype max -> [0, 1]
     output_range: tuple[float, float] = (0.0, 1.0)      # range of image outputs (tanh decoders: (-1, 1))
 

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from app import codecs
+from app import codecs, preprocess
 from app.errors import InvalidInput
 from app.schemas.manifest import Preprocessing
 
@@ -109,9 +109,9 @@ def test_bad_bytes_are_invalid_input_naming_the_field(data, code):
 def test_rgb_to_gray_uses_luma_and_gray_to_rgb_repeats():
     rgb = np.zeros((1, 3, 2, 2), np.float32)
     rgb[:, 0] = 1.0
-    gray = codecs.convert_channels(rgb, 1)
+    gray = preprocess.convert_channels(rgb, 1)
     np.testing.assert_allclose(gray, np.full((1, 1, 2, 2), 0.299), atol=1e-6)
-    assert codecs.convert_channels(gray, 3).shape == (1, 3, 2, 2)
+    assert preprocess.convert_channels(gray, 3).shape == (1, 3, 2, 2)
 
 
 def test_resize_bilinear_matches_torch():
@@ -121,25 +121,25 @@ def test_resize_bilinear_matches_torch():
         expected = torch.nn.functional.interpolate(
             torch.from_numpy(images), size=size, mode="bilinear", align_corners=False
         ).numpy()
-        np.testing.assert_allclose(codecs.resize_bilinear(images, size), expected, atol=1e-5)
+        np.testing.assert_allclose(preprocess.resize_bilinear(images, size), expected, atol=1e-5)
 
 
 def test_prepare_images_resizes_refuses_and_limits():
     allow = Preprocessing(channels=1, input_size=(16, 16), resize="bilinear")
     deny = Preprocessing(channels=1, input_size=(16, 16), resize="none")
     images = RNG.random((2, 3, 10, 12)).astype(np.float32)
-    assert codecs.prepare_images(images, allow, [-1, 1, 16, 16], max_frames=4).shape == (2, 1, 16, 16)
+    assert preprocess.prepare_images(images, allow, [-1, 1, 16, 16], max_frames=4).shape == (2, 1, 16, 16)
     with pytest.raises(InvalidInput) as info:
-        codecs.prepare_images(images, deny, [-1, 1, 16, 16], max_frames=4)
+        preprocess.prepare_images(images, deny, [-1, 1, 16, 16], max_frames=4)
     assert (info.value.field, info.value.limit, info.value.code) == ("file", "16x16", "wrong_image_size")
     with pytest.raises(InvalidInput) as info:
-        codecs.prepare_images(images, allow, [-1, 1, 16, 16], max_frames=1)
+        preprocess.prepare_images(images, allow, [-1, 1, 16, 16], max_frames=1)
     assert (info.value.limit, info.value.code) == (1, "too_many_frames")
     not_dynamic = Preprocessing(channels=1, input_size=(8, 8), dynamic_hw=False)
-    assert codecs.prepare_images(images, not_dynamic, [-1, 1, -1, -1], max_frames=4).shape == (2, 1, 8, 8)
+    assert preprocess.prepare_images(images, not_dynamic, [-1, 1, -1, -1], max_frames=4).shape == (2, 1, 8, 8)
     dynamic = Preprocessing(channels=1, dynamic_hw=True, min_hw=(12, 12), resize="none")
     with pytest.raises(InvalidInput) as info:
-        codecs.prepare_images(images, dynamic, [-1, 1, -1, -1], max_frames=4)
+        preprocess.prepare_images(images, dynamic, [-1, 1, -1, -1], max_frames=4)
     assert info.value.limit == ">= 12x12"
 
 
@@ -214,3 +214,35 @@ def test_heat_overlay_stretches_heavy_tailed_saliency_for_display():
     assert out.shape == (1, 3, 10, 10) and out.min() >= 0 and out.max() <= 1
     np.testing.assert_allclose(out[0, :, 7, 0], [0.5, 0.5, 0.5])   # no heat: the grey input
     assert out[0, 0, 0, 0] - out[0, 2, 0, 0] > 0.3                   # weak heat is still clearly red
+
+
+# ----------------------------------------------------------------------------------------------- headers first
+def test_png_header_declares_frames_bands_and_bytes_without_decoding(monkeypatch):
+    from app.image_headers import read_header
+    from tests.app import crafted_images as crafted
+
+    monkeypatch.setattr(Image, "open", None)  # headers are read by hand, never by Pillow
+    apng = read_header(crafted.png(64, 32, frames=5), "file", max_frames=8)
+    assert (apng.frames, apng.height, apng.width, apng.bands, apng.data_bytes) == (5, 32, 64, 1, 5 * 32 * 64)
+    palette = read_header(crafted.png(10, 10, colour=3), "file", max_frames=8)
+    assert (palette.bands, palette.data_bytes) == (3, 100)  # decoded as RGB; stored as one byte a pixel
+    assert read_header(crafted.png(10, 10, bits=16), "file", 8).data_bytes == 200
+    assert read_header(crafted.png(10, 10, colour=4, bits=16), "file", 8).bands == 3  # Pillow: RGBA
+    with pytest.raises(InvalidInput) as info:
+        read_header(crafted.png(64, 64, frames=9), "file", max_frames=8)
+    assert (info.value.code, info.value.limit) == ("too_many_frames", 8)
+
+
+def test_tiff_header_declares_its_series_without_reading_data(monkeypatch):
+    from app.image_headers import read_header
+    from tests.app import crafted_images as crafted
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", None)
+    stack = read_header(tiff_bytes(np.zeros((5, 6, 7), np.uint16), photometric="minisblack"), "file", 8)
+    assert (stack.frames, stack.bands, stack.data_bytes) == (5, 1, 5 * 6 * 7 * 2)
+    rgb = read_header(tiff_bytes(np.zeros((6, 7, 3), np.uint8), photometric="rgb"), "file", 8)
+    assert (rgb.frames, rgb.bands, rgb.height, rgb.width) == (1, 3, 6, 7)
+    empty = read_header(crafted.tiff_empty_strips(30_000, 20_000), "file", 8)
+    assert empty.data_bytes == 30_000 * 20_000  # zero-filled on read: it costs what it declares
+    deflate = read_header(tiff_bytes(np.zeros((64, 64), np.uint8), compression="zlib"), "file", 8)
+    assert deflate.decoder_bytes > 64 * 64  # the inflate bound of its largest strip
