@@ -200,7 +200,8 @@ def test_family_protocol(tiny: AutoEncoderCNNV3) -> None:
     assert tiny.capabilities() == ["encode", "decode", "reconstruct", "attention-map"]
     pre = tiny.preprocessing()
     assert pre == {"channels": 1, "input_size": [201, 201], "resize": "bilinear", "dynamic_hw": True,
-                   "min_hw": [17, 17], "output_range": [0.0, 1.0]}
+                   "min_hw": [17, 17], "max_hw": [4096, 4096], "max_pixels": 262144,
+                   "output_range": [0.0, 1.0]}
     assert preset_config("large").min_input_side == 65  # 4·2^4 + 1
     assert Preprocessing(**pre).min_hw == (17, 17)  # valid against the manifest schema
     side = pre["min_hw"][0]

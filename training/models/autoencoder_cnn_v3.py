@@ -252,6 +252,11 @@ class AutoEncoderCNNV3(nn.Module):
             "resize": "bilinear",
             "dynamic_hw": True,
             "min_hw": [side, side],
+            # encode runs at any size; its working memory grows with the pixels (v3_small on ONNX Runtime
+            # CPU: +11 MiB per 512x512 frame, +475 MiB at 2048x2048), so the service caps a frame at
+            # 512x512 worth of pixels (a batch of 32 stays under 0.5 GB) and either side at 4096
+            "max_hw": [4096, 4096],
+            "max_pixels": 512 * 512,
             "output_range": [0.0, 1.0],
         }
 
