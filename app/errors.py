@@ -2,7 +2,7 @@
 
 Routes and helpers raise these; `app.api.error_handlers` renders every one of them (and FastAPI's own
 validation and routing errors) as `{"error": {"code", "message", "field", "limit"}}`. The `reason` label
-of `aeserve_failures_total` comes only from `STATUS_TABLE` (plus `client_disconnected`), a closed set.
+of `aeserve_failures_total` comes only from `STATUS_TABLE`, a closed set.
 """
 
 from __future__ import annotations
@@ -89,6 +89,31 @@ class ShuttingDown(ServiceError):
     code = "shutting_down"
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its body in time: a stall past the read timeout, or a slow drip past the
+    request timeout."""
+
+    code = "request_timeout"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer was ready; its work was cancelled (nobody reads the 499)."""
+
+    code = "client_disconnected"
+
+
+class Unauthorized(ServiceError):
+    """No valid bearer token on a protected route."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """An admin route while the service has no token configured (admin routes are then off)."""
+
+    code = "forbidden"
+
+
 # The one table: exception class -> (HTTP status, failure reason label).
 STATUS_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     InvalidInput: (422, "invalid_input"),
@@ -102,6 +127,10 @@ STATUS_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     DeadlineExceeded: (504, "deadline_exceeded"),
     FeatureUnavailable: (501, "feature_unavailable"),
     ShuttingDown: (503, "shutting_down"),
+    RequestTimeout: (408, "request_timeout"),
+    ClientDisconnected: (499, "client_disconnected"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     EngineError: (500, "engine_error"),
     ServiceError: (500, "internal"),
 }

@@ -7,9 +7,12 @@ import logging
 from fastapi import FastAPI
 
 from app.api import system, v1
+from app.api.edge import BodyGuard, body_limits
 from app.api.error_handlers import install_error_handlers
+from app.api.security import install_security
 from app.lifespan import lifespan
 from app.settings import Settings
+from app.shutdown import Drain, DrainMiddleware
 from app.store import ModelRegistry
 
 
@@ -37,6 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.models = ModelRegistry()
     install_error_handlers(app)
+    app.add_middleware(BodyGuard, limits=body_limits(settings))
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)  # 503 for new work once SIGTERM arrived
+    install_security(app, settings)  # outermost: bearer auth, then CORS
     app.include_router(system.router)
     app.include_router(v1.router())
     return app

@@ -9,7 +9,7 @@ loop stays free. Callers wait on their own futures; the scheduler answers them. 
 - wake-up signalling: callers `_wake_up()` the scheduler, which otherwise sleeps until the time its
   subclass says work becomes ready by itself;
 - deadlines: absolute, on the event loop's clock (`loop.time()`, which on the default asyncio loop is
-  `time.monotonic()`; `app.api.deps.deadline_from_now` makes them). `_wait_for_results` turns a
+  `time.monotonic()`; `app.api.deps.request_deadline_of` makes them). `_wait_for_results` turns a
   passed deadline into `DeadlineExceeded` (504) for the caller, `settle_if_expired` for queued work;
 - skipping abandoned work: a caller that stops waiting cancels its futures, and work whose future is
   done is never run;

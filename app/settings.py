@@ -90,6 +90,85 @@ class Settings(BaseSettings):
         description="Diffusion sample rows waiting or running per model before 429 (2 x max_num_samples);"
         " an idle sampler takes any request",
     )
+    body_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest wait for the next chunk of a request body; a client that stalls longer gets 408"
+        " and its connection is closed (so it holds no worker and cannot delay shutdown by more than this)",
+    )
+    load_in_background: bool = Field(
+        True,
+        description="Open the port at once and verify, load and warm the models in a background task (/healthz"
+        " 200 at once, /readyz 503 with per-model states until every model is warm); false: load them before"
+        " the port opens. strict always loads them first",
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM /readyz and new requests answer 503 at once; requests in flight get this long to"
+        " finish, then the process exits 0",
+    )
+    api_token: str | None = Field(
+        None,
+        min_length=16,
+        repr=False,
+        description="Bearer token every route but /healthz and /readyz requires (Authorization: Bearer <token>;"
+        " 401 otherwise); also makes its holders admins. Unset: no auth, and admin routes are refused",
+    )
+    auth_metrics: bool = Field(False, description="With api_token: /metrics requires the token too")
+    auth_docs: bool = Field(
+        False, description="With api_token: /docs, /redoc and /openapi.json require the token too"
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed to call the API from a browser (CORS); empty: CORS off"
+    )
+    max_request_memory_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Working memory one request may take to decode its body, and again to encode its answer;"
+        " estimated from the image headers (declared frames x pixels x bands x bytes per value) before anything"
+        " is decoded: the uploaded bytes + the float32 model input + the largest part's decoder buffers and"
+        " per-frame conversion/resize. Past it: 413 (406 naming the formats that fit, for an answer). 256 MiB"
+        " admits max_frames=256 frames of 201x201, ~220 frames of 152x1280 (8-bit TIFF) or one ~2600x2600 RGB"
+        " PNG, and refuses a 4096x4096 PNG of 16 KB (~420 MiB to decode). Worst admitted request: 256 MiB"
+        " decoding + 256 MiB answering (input and output arrays included) + the model's batch, well under 1 GB",
+    )
+    max_concurrent_decodes: int = Field(
+        2,
+        ge=1,
+        description="Requests decoding (or parsing JSON) at once; others wait their turn. 2 x"
+        " max_request_memory_bytes = 512 MiB of decoding at most, however many requests arrive together",
+    )
+    max_dynamic_side: int = Field(
+        4096,
+        ge=1,
+        description="Largest H and W a dynamic-size model (V3 encode) accepts when its manifest sets no max_hw"
+        " (422 past it)",
+    )
+    max_dynamic_pixels: int = Field(
+        262_144,
+        ge=1,
+        description="Largest H x W a dynamic-size model accepts when its manifest sets no max_pixels (422 past"
+        " it). Measured for V3-small encode (ONNX Runtime, CPU): ~52 bytes of activations per pixel plus ~27"
+        " per attention-token pair (tokens = H x W / 1024): 13 MiB per 512x512 frame, 431 MiB for a batch of"
+        " 32; 1024x1024: 58 MiB per frame (1.8 GiB per batch), 2048x2048: 475 MiB, 4096x4096: ~8 GiB."
+        " 512 x 512 keeps a full batch of max_batch_size=32 under 0.5 GB and admits the trained 201x201 and"
+        " 152x1280",
+    )
+    max_inflight_memory_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Input bytes all requests in flight may hold together: a request holds its body (its"
+        " Content-Length before reading), then the held part of its max_request_memory_bytes estimate (uploaded"
+        " bytes + declared data + float32 model input) from before decoding until its answer is sent, while its"
+        " arrays wait in the batcher's queues. No room now: 429 with Retry-After at once (no waiting, like"
+        " max_inflight_requests); more than the whole pool: 413. Without it 64 admitted requests could hold"
+        " 64 x 256 MiB = 16 GiB. Worst admitted set: 512 MiB held + max_concurrent_decodes x"
+        " max_request_memory_bytes (2 x 256 MiB) decoding on top = 1 GiB, + a batch (< 0.5 GB, see"
+        " max_dynamic_pixels) + the process: inside a 2 GB container. 512 MiB holds 2 maximal requests at once,"
+        " or ~14 of 32 frames of 152x1280 (~36 MiB each, ~450 frames queued: the cores stay busy); keep it >="
+        " max_request_memory_bytes",
+    )
 
     def model_filter(self) -> set[str] | None:
         """The names `models` selects, or None for all."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Annotated, get_args
 
 from fastapi import Depends, Request
 
+from app.admission import DEADLINE_HEADER, TIMEOUT_HEADER, Admission, request_deadline
+from app.api.edge import arrival_of
 from app.errors import CapabilityNotOffered, ModelNotFound, ModelUnavailable, status_and_reason
 from app.metrics import FAILURES, REQUEST_DURATION, REQUESTS
 from app.schemas.manifest import Capability
@@ -76,9 +78,25 @@ def require_capability(record: ModelRecord, capability: str) -> None:
         )
 
 
-def deadline_from_now(settings: Settings) -> float:
-    """Absolute deadline on the event loop's clock (`loop.time()`), the one the engine and sampler use."""
-    return asyncio.get_running_loop().time() + settings.request_timeout_s
+def request_deadline_of(request: Request, settings: Settings) -> float:
+    """Absolute deadline on the event loop's clock (the engine's and sampler's): `request_timeout_s` from
+    the request's arrival, or less when the client asks (`X-Request-Timeout-S` / `X-Request-Deadline`)."""
+    arrival = arrival_of(request)
+    return request_deadline(
+        arrival.loop_time,
+        settings.request_timeout_s,
+        timeout=request.headers.get(TIMEOUT_HEADER),
+        deadline_epoch=request.headers.get(DEADLINE_HEADER),
+        wall_now=arrival.wall_time,
+    )
+
+
+def admission_slot(request: Request, record: ModelRecord, op: str) -> AbstractAsyncContextManager[object]:
+    """An in-flight slot (429 at once when the service is full), taken before the body is read."""
+    admission: Admission | None = getattr(request.app.state, "admission", None)
+    if admission is None:  # an app whose lifespan has not run
+        return nullcontext()
+    return admission.try_acquire(model=record.name, version=record.label_version, op=op)
 
 
 @asynccontextmanager

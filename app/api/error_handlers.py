@@ -67,9 +67,14 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Routing errors; and FastAPI's 400 for a body it could not read, which answers for its cause
+    when that is one of ours (a 413, 408 or client disconnect raised by `app.api.edge.BodyGuard`)."""
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ServiceError):
+        return await service_error_handler(request, exc.__cause__)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+    field = "body" if exc.status_code == 400 and exc.__cause__ is not None else None
+    return error_response(exc.status_code, code, str(exc.detail), field=field, headers=getattr(exc, "headers", None))
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:

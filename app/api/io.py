@@ -1,19 +1,33 @@
-"""Request bodies in and responses out for the v1 routes (decoding/encoding runs in a threadpool)."""
+"""Request bodies in and responses out for the v1 routes.
+
+Image uploads are sized from their headers against the request's memory budget before anything is
+decoded, then decoded in a small pool of threads (`max_concurrent_decodes`); answers are sized in the
+format asked for before they are encoded (`app.budget`). Inside `input_memory` (the route's whole
+request) the readers hold the request's input bytes in the app's pool (`max_inflight_memory_bytes`):
+the body's Content-Length before reading it, then the headers' estimate before decoding.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app import codecs
+from app import codecs, preprocess
+from app.budget import InputReservation, MemoryBudget, check_answer, decode_limiter, input_pool
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.image_headers import ImageHeader, read_header
 from app.schemas.manifest import OpSpec, Preprocessing
 from app.settings import Settings
 
@@ -21,8 +35,45 @@ IMAGE_MEDIA_TYPES = ("image/", "application/x-npy", "application/octet-stream", 
 LATENT_MEDIA_TYPES = ("application/json", "application/x-npy", "application/octet-stream")
 
 
+RESERVATION_KEY = "aeserve_input_reservation"  # request.state attribute of the open `input_memory`
+
+
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+@asynccontextmanager
+async def input_memory(request: Request, settings: Settings) -> AsyncIterator[InputReservation]:
+    """Hold the request's input bytes in the app's pool until the block exits, however it exits.
+
+    The route wraps the whole request in it: the readers raise the hold as the size becomes known, and
+    the decoded arrays wait in the batcher's queues long after the read has returned.
+    """
+    reservation = InputReservation(input_pool(request.app.state, settings))
+    setattr(request.state, RESERVATION_KEY, reservation)
+    try:
+        yield reservation
+    finally:
+        reservation.release()
+
+
+def hold_input(request: Request, total: int, *, field: str, what: str) -> None:
+    """Hold `total` input bytes for the request (413 past the pool, 429 when it is full); a read outside
+    `input_memory` holds nothing."""
+    reservation: InputReservation | None = getattr(request.state, RESERVATION_KEY, None)
+    if reservation is not None:
+        reservation.hold(total, field=field, what=what)
+
+
+async def read_held_body(request: Request, settings: Settings) -> bytes:
+    """The body (`read_body`), held for the request: its Content-Length before reading (a 429 then costs
+    nothing), what arrived after."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= settings.max_upload_bytes:
+        hold_input(request, int(declared), field="body", what=f"a body of {declared} bytes")
+    body = await read_body(request, settings.max_upload_bytes)
+    hold_input(request, len(body), field="body", what=f"a body of {len(body)} bytes")
+    return body
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -39,23 +90,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse_form(request: Request, body: bytes, settings: Settings):
-    sent = False
+async def _parse_form(request: Request, body: bytes, settings: Settings) -> FormData:
+    """The multipart form of `body` (already read); any malformed body or boundary is a 422."""
 
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
 
-    replay = Request(request.scope, receive)
+    parser = MultiPartParser(
+        request.headers,
+        chunks(),
+        max_files=settings.max_frames,
+        max_fields=64,
+        max_part_size=settings.max_upload_bytes,
+    )
     try:
-        return await replay.form(
-            max_files=settings.max_frames, max_fields=64, max_part_size=settings.max_upload_bytes
-        )
-    except MultiPartException as exc:
-        raise InvalidInput(f"bad multipart body: {exc}", field="files", limit=settings.max_frames) from exc
+        return await parser.parse()
+    except (MultiPartException, ValueError, KeyError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise InvalidInput(
+            f"bad multipart body: {message}",
+            field="files",
+            limit=f"multipart/form-data with a boundary, <= {settings.max_frames} files",
+        ) from exc
 
 
 async def read_image_blobs(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
@@ -67,15 +123,18 @@ async def read_image_blobs(request: Request, settings: Settings) -> list[tuple[s
             field="content-type",
             limit=["image/png", "image/tiff", "application/x-npy", "multipart/form-data"],
         )
-    body = await read_body(request, settings.max_upload_bytes)
+    body = await read_held_body(request, settings)
     if kind != "multipart/form-data":
         return [("file", body)]
     form = await _parse_form(request, body, settings)
     blobs = []
-    for key in ("files", "file"):
-        for index, part in enumerate(form.getlist(key)):
-            if isinstance(part, UploadFile):
-                blobs.append((f"{key}[{index}]", await part.read()))
+    try:
+        for key in ("files", "file"):
+            for index, part in enumerate(form.getlist(key)):
+                if isinstance(part, UploadFile):
+                    blobs.append((f"{key}[{index}]", await part.read()))
+    finally:
+        await form.close()
     if not blobs:
         raise InvalidInput(
             "multipart body has no file under 'files' or 'file'", field="files", limit="1+ files"
@@ -83,51 +142,145 @@ async def read_image_blobs(request: Request, settings: Settings) -> list[tuple[s
     return blobs
 
 
-def decode_and_prepare(
-    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], max_frames: int
-) -> np.ndarray:
-    """Decode every blob and convert it to the model's input (N, C, H, W): integer images scaled to [0, 1]."""
-    prepared, total = [], 0
+@dataclass(frozen=True)
+class PartPlan:
+    """One uploaded image as its header declares it, and the size the model will get it at."""
+
+    field: str
+    data: bytes
+    header: ImageHeader
+    size: tuple[int, int]
+
+
+def plan_parts(
+    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings
+) -> list[PartPlan]:
+    """Every part's header, the request's frames (a running total) and the model's sizes: nothing decoded."""
+    channels = preprocess.model_channels(preprocessing, input_shape)
+    side = settings.max_dynamic_side
+    limits = {
+        "max_hw": preprocessing.max_hw or (side, side),
+        "max_pixels": preprocessing.max_pixels or settings.max_dynamic_pixels,
+    }
+    plans: list[PartPlan] = []
+    frames = 0
     for field, data in blobs:
-        images = codecs.decode_image_bytes(data, field)
-        total += images.shape[0]
-        if total > max_frames:
-            raise InvalidInput(
-                f"{total}+ frames in one request", field=field, limit=max_frames, code="too_many_frames"
-            )
-        prepared.append(
-            codecs.prepare_images(images, preprocessing, input_shape, max_frames=max_frames, field=field)
-        )
-    shapes = {p.shape[1:] for p in prepared}
-    if len(shapes) > 1:
+        header = read_header(data, field, settings.max_frames, frames_before=frames)
+        frames += header.frames
+        preprocess.check_channels(header.bands, channels, field)
+        have = (header.height, header.width)
+        size = preprocess.model_input_size(have, preprocessing, input_shape, field=field, **limits)
+        plans.append(PartPlan(field, data, header, size))
+    sizes = {p.size for p in plans}
+    if len(sizes) > 1:
         raise InvalidInput(
             "images of one request must share a size after preprocessing",
             field="files",
-            limit=[list(s) for s in sorted(shapes)],
+            limit=[[channels, *s] for s in sorted(sizes)],
         )
-    return prepared[0] if len(prepared) == 1 else np.concatenate(prepared)
+    return plans
+
+
+def charge_plan(plans: list[PartPlan], channels: int, budget: MemoryBudget) -> tuple[int, int, int, int]:
+    """Charge the uploaded bytes, the model input and each part's declared data (a running total over
+    parts and frames), with each part's decoding checked on top: the model input's shape, or 413 naming
+    the part that would pass the budget."""
+    field = plans[0].field if len(plans) == 1 else "files"
+    budget.charge(sum(len(p.data) for p in plans), field=field, what="the uploaded images")
+    shape = (sum(p.header.frames for p in plans), channels, *plans[0].size)
+    budget.charge(4 * math.prod(shape), field=field, what=f"the model input {list(shape)} float32")
+    for p in plans:
+        budget.charge(p.header.data_bytes, field=p.field, what=f"the data of {p.header.describe}")
+        work = p.header.decoder_bytes + preprocess.frame_work_bytes(p.header, channels, p.size)
+        budget.transient(work, field=p.field, what=f"decoding {p.header.describe}")
+    return shape
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """An upload sized from its headers: its parts, the model input's shape and the bytes it holds."""
+
+    parts: list[PartPlan]
+    channels: int
+    shape: tuple[int, int, int, int]
+    held_bytes: int  # what the budget keeps charged: uploaded bytes + declared data + model input
+
+    @property
+    def field(self) -> str:
+        return self.parts[0].field if len(self.parts) == 1 else "files"
+
+
+def plan_upload(
+    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings
+) -> UploadPlan:
+    """Size every blob from its header within the request's budget (413 past it): nothing decoded."""
+    parts = plan_parts(blobs, preprocessing, input_shape, settings)
+    channels = preprocess.model_channels(preprocessing, input_shape)
+    budget = MemoryBudget(settings.max_request_memory_bytes)
+    shape = charge_plan(parts, channels, budget)
+    return UploadPlan(parts, channels, shape, budget.used)
+
+
+def decode_and_prepare(
+    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings
+) -> np.ndarray:
+    """`plan_upload`, then `decode_upload`, in one go."""
+    return decode_upload(plan_upload(blobs, preprocessing, input_shape, settings))
+
+
+def decode_upload(plan: UploadPlan) -> np.ndarray:
+    """Decode a planned upload frame by frame into the model's input (N, C, H, W): integer images
+    scaled to [0, 1], converted and resized."""
+    out = np.empty(plan.shape, np.float32)
+    index = 0
+    for p in plan.parts:
+        start = index
+        for frame in codecs.iter_frames(p.data, p.header, p.field):
+            out[index] = preprocess.prepare_frame(frame, plan.channels, p.size)
+            index += 1
+        if index - start != p.header.frames:
+            raise InvalidInput(
+                f"decoded {index - start} frames, its header declares {p.header.frames}",
+                field=p.field,
+                limit=p.header.frames,
+            )
+    return out
 
 
 async def read_images(
     request: Request, settings: Settings, preprocessing: Preprocessing, op: OpSpec
 ) -> np.ndarray:
-    """Model input (N, C, H, W) for `op` from any supported upload."""
+    """Model input (N, C, H, W) for `op` from any supported upload, held for the request from its headers'
+    estimate before it is decoded (sized and decoded in a bounded pool of threads)."""
     blobs = await read_image_blobs(request, settings)
-    return await run_in_threadpool(
-        decode_and_prepare, blobs, preprocessing, op.inputs[0].shape, settings.max_frames
+    limiter = decode_limiter(request.app.state, settings)
+    shape = op.inputs[0].shape
+    plan = await anyio.to_thread.run_sync(plan_upload, blobs, preprocessing, shape, settings, limiter=limiter)
+    hold_input(request, plan.held_bytes, field=plan.field, what=f"the model input {list(plan.shape)} and its upload")
+    return await anyio.to_thread.run_sync(decode_upload, plan, limiter=limiter)
+
+
+def decode_latents(body: bytes, kind: str, dim: int, settings: Settings) -> np.ndarray:
+    """(N, dim) latents from NPY or JSON bytes; a JSON body is sized against the budget before parsing."""
+    if codecs.sniff_format(body) == "npy":
+        return codecs.decode_latents_npy(body, dim, max_frames=settings.max_frames)
+    if kind in ("", "application/json") or kind.endswith("+json"):
+        parsed = codecs.latents_json_bytes(body, dim, max_frames=settings.max_frames)
+        MemoryBudget(settings.max_request_memory_bytes).charge(parsed, field="latents", what="parsing the JSON")
+        return codecs.decode_latents_json(body, dim, max_frames=settings.max_frames)
+    raise UnsupportedMediaType(
+        f"content-type {kind!r} is not latents", field="content-type", limit=list(LATENT_MEDIA_TYPES)
     )
 
 
 async def read_latents(request: Request, settings: Settings, dim: int) -> np.ndarray:
     """(N, dim) latents from a JSON `{"latents": ...}` or NPY body."""
     kind = media_type(request)
-    body = await read_body(request, settings.max_upload_bytes)
-    if codecs.sniff_format(body) == "npy":
-        return await run_in_threadpool(codecs.decode_latents_npy, body, dim, max_frames=settings.max_frames)
-    if kind in ("", "application/json") or kind.endswith("+json"):
-        return await run_in_threadpool(codecs.decode_latents_json, body, dim, max_frames=settings.max_frames)
-    raise UnsupportedMediaType(
-        f"content-type {kind!r} is not latents", field="content-type", limit=list(LATENT_MEDIA_TYPES)
+    body = await read_held_body(request, settings)
+    latents = 4 * settings.max_frames * dim  # the float32 array at most (decoding refuses more rows)
+    hold_input(request, len(body) + latents, field="latents", what="the latents and their body")
+    return await anyio.to_thread.run_sync(
+        decode_latents, body, kind, dim, settings, limiter=decode_limiter(request.app.state, settings)
     )
 
 
@@ -159,6 +312,7 @@ async def image_response(
         raise InvalidInput(
             f"bit_depth={bit_depth} for {images.shape[1]}-channel images", field="bit_depth", limit=allowed
         )
+    check_answer(images.size, fmt, ("png", "npy", "json"))
     headers = {**(headers or {}), "X-Output-Range": f"{output_range[0]},{output_range[1]}"}
     if fmt == "png":
         return await run_in_threadpool(_png_response, images, output_range, bit_depth, headers)
@@ -172,11 +326,14 @@ async def image_response(
 
 
 def json_bytes(body: dict[str, Any]) -> bytes:
-    """JSON of a dict whose arrays become nested lists (run in a threadpool for big arrays)."""
+    """JSON of a dict whose arrays become nested lists (run in a threadpool for big arrays); 413 up front
+    for arrays too big to encode within the answer budget."""
+    check_answer(sum(v.size for v in body.values() if isinstance(v, np.ndarray)), "json", ("json",))
     return json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in body.items()}).encode()
 
 
 async def latents_response(latents: np.ndarray, fmt: str) -> Response:
+    check_answer(latents.size, fmt, ("json", "npy"))
     if fmt == "npy":
         return Response(codecs.encode_npy(latents.astype(np.float32)), media_type=codecs.NPY_MEDIA_TYPE)
     return JSONResponse(codecs.encode_latents_json(latents))

@@ -46,7 +46,11 @@ def parse_condition(
         vector = np.asarray([condition_value(k, condition[k], spec) for k in keys], dtype=np.float32)
         array = np.broadcast_to(vector, (num_samples, len(keys)))
     else:
-        array = np.asarray(condition, dtype=np.float32)
+        try:
+            array = np.asarray(condition, dtype=np.float32)
+        except ValueError as exc:  # ragged rows
+            raise InvalidInput("condition rows differ in length", field="condition",
+                               limit=f"{dim} values or ({num_samples}, {dim})", code="wrong_condition_shape") from exc
         if array.ndim == 1:
             array = np.broadcast_to(array, (num_samples, array.shape[0]))
     if array.shape != (num_samples, dim):

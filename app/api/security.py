@@ -18,12 +18,12 @@ import re
 from pathlib import PurePath
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.error_handlers import error_response
-from app.errors import ServiceError
+from app.errors import Forbidden, Unauthorized
 from app.settings import Settings
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
@@ -33,27 +33,6 @@ REALM = 'Bearer realm="aeserve"'
 # what non-admins see of a manifest's provenance: versions and dates, not the build host
 PUBLIC_PROVENANCE = ("git_commit", "created_at", "python", "torch", "onnx", "onnxruntime", "onnxscript")
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:~?/|[A-Za-z]:[\\/])[^\s'\"()\[\]{},;:]+")
-
-
-class AuthError(ServiceError):
-    """Refused by `require_admin`; rendered by `auth_error_handler` with its own status."""
-
-    status = 403
-
-
-class Unauthorized(AuthError):
-    code = "unauthorized"
-    status = 401
-
-
-class Forbidden(AuthError):
-    code = "forbidden"
-    status = 403
-
-
-async def auth_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AuthError)
-    return error_response(exc.status, exc.code, exc.message, field=exc.field, headers=exc.headers)
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -127,7 +106,6 @@ class BearerAuth:
 
 def install_security(app: FastAPI, settings: Settings) -> None:
     """Bearer auth when a token is set, then CORS (outermost, so preflights and 401s carry its headers)."""
-    app.add_exception_handler(AuthError, auth_error_handler)
     if settings.api_token:
         app.add_middleware(BearerAuth, token=settings.api_token, open_paths=open_paths(settings))
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

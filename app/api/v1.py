@@ -15,10 +15,28 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import codecs
 from app.api.capabilities import CAPABILITIES
-from app.api.deps import ReadyRecordDep, SettingsDep, deadline_from_now, require_capability, track
-from app.api.io import image_response, json_bytes, latents_response, read_body, read_images, read_latents
+from app.api.deps import (
+    ReadyRecordDep,
+    SettingsDep,
+    admission_slot,
+    request_deadline_of,
+    require_capability,
+    track,
+)
+from app.api.documentation import answers, request_body
+from app.api.edge import until_disconnected
+from app.api.io import (
+    image_response,
+    input_memory,
+    json_bytes,
+    latents_response,
+    read_body,
+    read_images,
+    read_latents,
+)
 from app.api.negotiation import negotiate
 from app.api.spec import Arrays, CapabilitySpec, InputKind, Job, Outcome, OutputKind, RequestOptions
+from app.budget import use_answer_limit
 from app.errors import InvalidInput
 from app.schemas.manifest import OpSpec
 from app.schemas.requests import SampleRequest
@@ -36,7 +54,9 @@ FORMATS: dict[OutputKind, tuple[str, ...]] = {
 # ------------------------------------------------------------------------------ options (query, body)
 FormatQuery = Annotated[str | None, Query(description="png | npy | json; overrides the Accept header")]
 LatentFormatQuery = Annotated[str | None, Query(description="json | npy; overrides the Accept header")]
-BitDepthQuery = Annotated[int, Query(description="PNG bit depth: 8 or 16 (16 for grayscale only)")]
+BitDepthQuery = Annotated[
+    int, Query(description="PNG bit depth: 8 or 16 (16 for grayscale only)", json_schema_extra={"enum": [8, 16]})
+]
 AttentionFormatQuery = Annotated[str | None, Query(description="json | png (saliency overlaid on the input)")]
 SaliencyQuery = Annotated[bool, Query(description="compute the saliency heatmap (needs torch)")]
 
@@ -138,18 +158,50 @@ WRITERS: dict[OutputKind, Writer] = {"latents": latent_answer, "images": image_a
 
 
 # ------------------------------------------------------------------------------ the one handler and its routes
+def output_channels(spec: CapabilitySpec, record: ModelRecord) -> int | None:
+    """Channels of the images a capability answers with, from the manifest (None: not known up front)."""
+    assert record.manifest is not None
+    sampler = record.manifest.sampler
+    if spec.op is None and sampler is not None and sampler.image_shape:
+        return int(sampler.image_shape[0])
+    shape = record.op(spec.op or "decode").outputs[0].shape
+    return int(shape[1]) if len(shape) == 4 and shape[1] > 0 else None
+
+
+def check_bit_depth(spec: CapabilitySpec, record: ModelRecord, options: RequestOptions, fmt: str) -> None:
+    """422 before anything runs: 8 or 16 bits, and a 16-bit PNG only of grayscale images."""
+    if spec.output != "images":
+        return
+    channels = output_channels(spec, record)
+    allowed = [8] if fmt == "png" and channels not in (None, 1) else [8, 16]
+    if options.bit_depth not in allowed:
+        images = f" for {channels}-channel images" if channels else ""
+        raise InvalidInput(f"bit_depth={options.bit_depth}{images}", field="bit_depth", limit=allowed)
+
+
 async def serve(
     spec: CapabilitySpec, request: Request, record: ModelRecord, settings: Settings, options: RequestOptions
 ) -> Response:
-    """decode -> validate -> submit -> encode, counted and timed under the capability's name."""
-    async with track(record, spec.name):
+    """admit -> check -> decode -> submit -> encode, counted and timed under the capability's name.
+
+    Everything the query, headers and manifest can refuse is refused before the body is read; the
+    deadline runs from the request's arrival; a client that leaves while its work waits cancels it.
+    """
+    async with (
+        track(record, spec.name),
+        admission_slot(request, record, spec.name),
+        input_memory(request, settings),
+    ):
+        use_answer_limit(settings)  # answers are sized against the memory budget before encoding
         require_capability(record, spec.name)
         fmt = negotiate(request.headers.get("accept"), options.format, FORMATS[spec.output])
+        check_bit_depth(spec, record, options, fmt)
         if spec.check is not None:
             spec.check(record, settings, options, fmt)
+        deadline = request_deadline_of(request, settings)
         op = record.op(spec.op) if spec.op is not None else None
         inputs = await READERS[spec.input_kind(op)](request, record, op, settings)
-        outcome = await spec.run(Job(record, spec.op, inputs, options, deadline_from_now(settings)))
+        outcome = await until_disconnected(request, spec.run(Job(record, spec.op, inputs, options, deadline)))
         return await WRITERS[spec.output](outcome, record, fmt, options)
 
 
@@ -179,5 +231,7 @@ def router(capabilities: Sequence[CapabilitySpec] = CAPABILITIES) -> APIRouter:
             summary=spec.summary,
             tags=[spec.tag],
             name=spec.name.replace("-", "_"),
+            responses=answers(spec.output, FORMATS[spec.output]),
+            openapi_extra=request_body(spec.input),
         )
     return v1
