@@ -178,9 +178,8 @@ def write_version(
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Export `model` and write `<store>/<name>/<version>/` with its manifest; returns that directory.
-
-    The manifest records the model's registered `architecture` (set by `create_model`) and its
-    config, so the model can be rebuilt from the manifest alone."""
+    The manifest records the model's registered `architecture` (set by `create_model`) and its config,
+    so the model can be rebuilt from the manifest alone."""
     architecture = getattr(model, "architecture", None)
     _check_names(name, version, architecture)
     final = Path(store) / name / version
@@ -191,8 +190,7 @@ def write_version(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        model = model.eval()
-        exports = export_model(model, tmp, formats=formats, batch_size=export_batch_size, log=log)
+        exports = export_model(model.eval(), tmp, formats=formats, batch_size=export_batch_size, log=log)
         records = [_record(tmp, a.path, a.format, a.op, a.parity_max_abs_err) for e in exports for a in e.artifacts]
         records.append(_record(tmp, save_weights(model, tmp / WEIGHTS_NAME)))
         for extra in map(Path, extra_files):
