@@ -4,7 +4,6 @@ losses/metrics and a short learning run (options and presets: test_conv_decoder.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -13,27 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from app.schemas.manifest import Preprocessing, SamplerSpec
+from tests.training.test_conv_decoder import tiny, tiny_vae
 from training.data.patches import build_patches
 from training.losses.conv_decoder import kl_divergence, training_losses, validation_metrics
 from training.models.base import ExportOp, Family
-from training.models.conv_decoder import ConvDecoder, ConvDecoderConfig
-from training.models.conv_vae import ConvVAE
-from training.registry import create_model
-
-TINY = dict(latent_dim=8, hidden_dims=(16, 8), output_size=(16, 16))
-
-
-def tiny(**overrides: Any) -> ConvDecoder:
-    torch.manual_seed(0)
-    return ConvDecoder(ConvDecoderConfig(**{**TINY, **overrides}))
-
-
-def tiny_vae(**overrides: Any) -> ConvVAE:
-    torch.manual_seed(0)
-    base = dict(latent_dim=8, hidden_dims=(16, 8), encoder_channels=(8, 16), init_size=(4, 4),
-                normalization="group")
-    return create_model("conv_decoder_vae", **{**base, **overrides})
-
 
 # ---------------------------------------------------------------------------------------------
 # Family protocol and export
