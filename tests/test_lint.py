@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_ruff_reports_nothing() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    result = subprocess.run([ruff, "check", "app", "training", "tests", "bench"], cwd=REPO,
+    result = subprocess.run([ruff, "check", "app", "training", "tests", "bench", "examples"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -93,9 +93,14 @@ def _family_functions(family: str) -> tuple[LossFn, MetricFn]:
 
 
 def _v3_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Dataset]:
-    """Random crops of scikit-image pictures at the model's input size (split by image)."""
+    """Random crops of scikit-image pictures at the model's input size (split by image); with the data
+    option `source: droplets`, frames of droplet videos (training/data/droplets.py)."""
     from training.data.images import DEFAULT_VAL_IMAGES, SkimageCrops
 
+    if config.data.get("source") == "droplets":
+        from training.data.droplets import droplet_datasets
+
+        return droplet_datasets(model.preprocessing()["input_size"], config)
     options = _data_options(config, ("samples_per_epoch", "val_samples", "val_images", "crop_size"))
     crop = tuple(options.get("crop_size", model.preprocessing()["input_size"]))
     val_images = tuple(options.get("val_images", DEFAULT_VAL_IMAGES))

@@ -1,0 +1,1 @@
+"""Worked examples: the users' own workflows run against a running aeserve service."""
