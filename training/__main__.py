@@ -1,4 +1,4 @@
-"""`python -m training train|resume|export|weights|build-store|sample ...` (see `--help` of each)."""
+"""`python -m training train|resume|export|weights|build-store|sample|evaluate ...` (see `--help` of each)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from training.commands import (
     RUNS_DIR,
     cmd_build_store,
+    cmd_evaluate,
     cmd_export,
     cmd_resume,
     cmd_sample,
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="held-out quality report of a store (table, JSON, figures, manifests)")
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--only", action="append", metavar="NAME", help="evaluate only this model (repeatable)")
+    p.add_argument("--out", default="reports/quality", help="where quality.json and the figures go")
+    p.add_argument("--no-manifest", action="store_true", help="leave the manifests' metrics.heldout as they are")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -223,6 +223,26 @@ def cmd_build_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The held-out quality report of a store (`training.quality`): table, JSON, figures, manifests."""
+    from training.quality.report import REPORT_NAME, evaluate_store, format_table
+
+    started = time.monotonic()
+    command = "python -m training evaluate --store {} --out {}{}".format(
+        args.store, args.out, "".join(f" --only {name}" for name in args.only or ())
+    )
+    records = evaluate_store(
+        args.store, args.out, only=args.only, write_manifests=not args.no_manifest, command=command
+    )
+    print(format_table(records))
+    misses = [name for name, r in records.items() if r["goal"] and r["goal"]["status"] != "PASS"]
+    print(
+        f"\ngoals: {len(misses)} missed ({', '.join(misses) or 'none'}); report {Path(args.out) / REPORT_NAME}, "
+        f"{round(time.monotonic() - started, 1)} s"
+    )
+    return 0
+
+
 def _save_grid(images: Any, path: Path) -> None:
     import numpy as np
     from PIL import Image

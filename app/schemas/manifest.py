@@ -129,6 +129,9 @@ class Manifest(_Strict):
     sampler: SamplerSpec | None = None
     training: dict = Field(default_factory=dict)        # metrics (val PSNR/SSIM...), steps, data, wall time
     provenance: dict = Field(default_factory=dict)      # git commit, command, torch/onnx versions, created_at
+    # measured after writing, e.g. `metrics.heldout` by `python -m training evaluate` (the quality report:
+    # held-out data, PSNR/SSIM next to equal-size baselines, goals); not covered by the artifact checksums
+    metrics: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

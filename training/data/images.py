@@ -8,6 +8,10 @@ upscaled (bilinear, aspect kept) just enough to cover it.
 Training crops are a pure function of (seed, epoch, index): `set_epoch(epoch)` picks the epoch, so a
 resumed run sees exactly the crops an uninterrupted run would. Validation crops are fixed (seed
 only). Every item is `{"image": (1, H, W) float32 in [0, 1]}`.
+
+Held-out test pictures (`HELDOUT_IMAGES`): the bundled pictures that neither split may read
+(`SkimageCrops` and `load_image` refuse them); only the quality report (`training.evaluate`) crops them,
+with `heldout_crops`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ COLOR_IMAGES: tuple[str, ...] = (
 ALL_IMAGES: tuple[str, ...] = GRAY_IMAGES + COLOR_IMAGES
 # Held out for validation: one texture, one object on background, one photograph, one document.
 DEFAULT_VAL_IMAGES: tuple[str, ...] = ("coins", "gravel", "chelsea", "page")
+# Held out for the quality report only (the test split): never in a training or validation split. Two
+# photographs, a silhouette, a logo and a phantom (`colorwheel` is left out: a smooth gradient that a
+# 23x23 thumbnail keeps at ~48 dB would dominate a mean PSNR).
+HELDOUT_IMAGES: tuple[str, ...] = ("motorcycle_left", "motorcycle_right", "horse", "logo", "shepp_logan_phantom")
+if set(HELDOUT_IMAGES) & set(ALL_IMAGES):
+    raise RuntimeError(f"held-out pictures {sorted(set(HELDOUT_IMAGES) & set(ALL_IMAGES))} are in ALL_IMAGES")
 
 
 def _to_unit_gray(image: np.ndarray) -> np.ndarray:
@@ -70,11 +80,43 @@ def load_image(name: str) -> np.ndarray:
     """One bundled scikit-image picture as float32 (H, W) in [0, 1]."""
     import skimage.data
 
+    if name in HELDOUT_IMAGES:
+        raise ValueError(f"{name!r} is held out for the quality report (load_heldout_image), not for training")
     if name not in ALL_IMAGES:
         raise ValueError(f"unknown image {name!r}; available: {', '.join(ALL_IMAGES)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _to_unit_gray(getattr(skimage.data, name)())
+
+
+@cache
+def load_heldout_image(name: str) -> np.ndarray:
+    """One held-out test picture as float32 (H, W) in [0, 1] (the quality report's data)."""
+    import skimage.data
+
+    if name not in HELDOUT_IMAGES:
+        raise ValueError(f"{name!r} is not a held-out picture; they are: {', '.join(HELDOUT_IMAGES)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name.startswith("motorcycle_"):
+            left, right, _ = skimage.data.stereo_motorcycle()
+            return _to_unit_gray(left if name == "motorcycle_left" else right)
+        return _to_unit_gray(getattr(skimage.data, name)())
+
+
+def heldout_crops(crop_size: tuple[int, int], per_image: int = 8, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Fixed crops of every held-out picture (covered to `crop_size` first): (N, 1, H, W) and their sources."""
+    size = (int(crop_size[0]), int(crop_size[1]))
+    crops, names = [], []
+    for number, name in enumerate(HELDOUT_IMAGES):
+        source = cover(torch.from_numpy(load_heldout_image(name))[None], size)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + number)
+        for _ in range(per_image):
+            top = int(torch.randint(source.shape[-2] - size[0] + 1, (1,), generator=gen))
+            left = int(torch.randint(source.shape[-1] - size[1] + 1, (1,), generator=gen))
+            crops.append(source[:, top : top + size[0], left : left + size[1]])
+            names.append(name)
+    return torch.stack(crops).contiguous().float(), names
 
 
 def cover(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -106,6 +148,9 @@ class SkimageCrops(Dataset):
             raise ValueError(f"crop_size must be (H, W) with positive sides; got {crop_size!r}")
         if samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1; got {samples_per_epoch}")
+        held_out_for_test = sorted((set(images) | set(val_images)) & set(HELDOUT_IMAGES))
+        if held_out_for_test:
+            raise ValueError(f"{held_out_for_test} are held out for the quality report; no split may read them")
         unknown = sorted((set(images) | set(val_images)) - set(ALL_IMAGES))
         if unknown:
             raise ValueError(f"unknown image(s) {unknown}; available: {', '.join(ALL_IMAGES)}")

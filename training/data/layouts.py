@@ -14,6 +14,9 @@ Within those, every sample varies margins, line counts and lengths, image size a
 Items are deterministic in (seed, index) and independent of access order. Pages are drawn at 4×
 and box-averaged down, so edges are anti-aliased at any size (32×32 and 64×64 are the intended ones).
 Items: {"image": (3, H, W) float32 in [−1, 1], "condition": (3,) float32 = [goal id, format id, tone]}.
+
+Held-out test layouts (`DesignLayouts.heldout`, read only by the quality report) use the reserved seed
+`HELDOUT_SEED`, which a training or validation set cannot be built with.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ CONDITION_KEYS = ("goal", "format", "tone")
 TONE_RANGE = (0.3, 0.9)          # tones drawn for the data set (the original's range)
 SUPERSAMPLE = 4
 MIN_SIZE = 16
+HELDOUT_SEED = 2**31 - 1         # reserved for the quality report's test layouts
 
 
 def condition_vocabulary() -> dict[str, list[str] | dict[str, float]]:
@@ -80,7 +84,10 @@ def decode_condition(vector: torch.Tensor) -> dict[str, object]:
 class DesignLayouts(Dataset):
     """`length` procedurally drawn layouts of `size`×`size`, deterministic in (seed, index)."""
 
-    def __init__(self, size: int = 32, length: int = 2048, seed: int = 0) -> None:
+    def __init__(self, size: int = 32, length: int = 2048, seed: int = 0, *, heldout: bool = False) -> None:
+        if (seed == HELDOUT_SEED) != heldout:
+            raise ValueError(f"seed {HELDOUT_SEED} is reserved for the held-out test layouts "
+                             "(DesignLayouts.heldout); training and validation use any other seed")
         if not isinstance(size, int) or size < MIN_SIZE:
             raise ValueError(f"size must be an integer >= {MIN_SIZE}; got {size!r}")
         if length < 1:
@@ -88,6 +95,11 @@ class DesignLayouts(Dataset):
         self.size = size
         self.length = length
         self.seed = seed
+
+    @classmethod
+    def heldout(cls, size: int = 32, length: int = 256) -> DesignLayouts:
+        """The quality report's test layouts (seed `HELDOUT_SEED`, which no other set may use)."""
+        return cls(size=size, length=length, seed=HELDOUT_SEED, heldout=True)
 
     def __len__(self) -> int:
         return self.length

@@ -11,6 +11,9 @@ Values are float32 in [0, 1]. The train/validation split is by source image and 
 within each group (scenes sorted by name, faces in their stored order) every `val_every`-th source
 (1-based) goes to validation, so no image contributes patches to both splits.
 Items are `{"image": (1, P, P) float32}`.
+
+Held-out test patches (`heldout_patches`, read only by the quality report): cut the same way from the
+pictures of `training.data.images.HELDOUT_IMAGES`, which no split reads.
 """
 
 from __future__ import annotations
@@ -68,6 +71,21 @@ def _grid_patches(image: np.ndarray, size: int, stride: int) -> np.ndarray:
     return np.stack([image[top:top + size, left:left + size]
                      for top in range(0, height - size + 1, stride)
                      for left in range(0, width - size + 1, stride)])
+
+
+def heldout_patches(patch_size: int = 28, scales: tuple[float, ...] = (0.25, 0.5)) -> torch.Tensor:
+    """Patches of the held-out test pictures as (N, 1, P, P) float32 in [0, 1], in a fixed order."""
+    from training.data.images import HELDOUT_IMAGES, load_heldout_image
+
+    stride = max(1, patch_size // 2)
+    chunks = []
+    for name in HELDOUT_IMAGES:
+        image = _to_gray_unit(load_heldout_image(name))
+        for scale in scales:
+            shrunk = rescale(image, scale, anti_aliasing=True) if scale != 1 else image
+            chunks.append(_grid_patches(shrunk, patch_size, stride))
+    patches = np.concatenate(chunks).clip(0.0, 1.0)
+    return torch.from_numpy(patches.astype(np.float32)).unsqueeze(1)
 
 
 def source_names(split: str = "train", val_every: int = 5) -> list[str]:

@@ -21,6 +21,12 @@ string with every simulation parameter, the normalisation and the software versi
 Train/val split: the scan grid is cut into `block` x `block` tiles of positions; tile (by, bx) is
 validation when (by + 2 * bx) % 5 == 0 (about one tile in five, spread over the grid), for every
 configuration alike, so no validation scan position is ever seen in training.
+
+Held-out test set (`HELDOUT_PATH`, read only by the quality report `training.evaluate`): the same
+specimen, probe and configurations scanned on an 8 x 8 grid offset by half a training step
+(`HELDOUT_PARAMS`), so none of its positions is a training or validation position, log-scaled with the
+training file's I_max. `Stem4DDataset` refuses it for "train" and "val"; `python -m training.data.stem_4d
+--heldout` rewrites it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "stem_srtio3.npz"
+HELDOUT_PATH = ASSET_PATH.with_name("stem_srtio3_heldout.npz")
 PATTERN_SIZE = 64
 SRTIO3_LATTICE_A = 3.905
 FORMAT_VERSION = 1
@@ -58,6 +65,7 @@ class SimulationParams:
     configs: tuple[tuple[int, int], ...] | None = ((0, 0), (0, 1), (1, 0))
     scan_cells: float = 2.0                      # scanned square, in unit cells, from the origin
     scan_gpts: int = 16                          # scan positions per axis
+    scan_start_steps: float = 0.0                # grid origin, in steps of the grid (0.25 = a quarter step)
     sampling_A: float = 0.1                      # potential / wave sampling
     slices_per_cell: int = 2
     parametrization: str = "lobato"
@@ -88,6 +96,11 @@ class SimulationParams:
         return [(d, t) for d in range(len(self.defocus_A)) for t in range(len(self.thickness_cells))]
 
 
+# The held-out test scan: every configuration of the training file, 8 x 8 positions over the same two unit
+# cells, offset by half a training step (a quarter of its own step): no training or validation position.
+HELDOUT_PARAMS = SimulationParams(scan_gpts=8, scan_start_steps=0.25)
+
+
 def build_srtio3(params: SimulationParams, cells_z: int | None = None) -> Any:
     """SrTiO3 [001] supercell (ase.Atoms). With `defects`: the Sr column at (a, a) — the centre of
     the scanned area — becomes La, and every other O atom of the pure-O column at (1.5a, a) is removed.
@@ -112,13 +125,15 @@ def build_srtio3(params: SimulationParams, cells_z: int | None = None) -> Any:
     return atoms
 
 
-def log_quantise(intensity: np.ndarray, dynamic_range: float, quant_max: int) -> tuple[np.ndarray, float]:
-    """Global log scaling to [0, 1] and rounding to 0..quant_max (uint16). Returns (stored, I_max)."""
-    i_max = float(intensity.max())
+def log_quantise(intensity: np.ndarray, dynamic_range: float, quant_max: int,
+                 i_max: float | None = None) -> tuple[np.ndarray, float]:
+    """Global log scaling to [0, 1] and rounding to 0..quant_max (uint16). Returns (stored, I_max).
+    `i_max` (default: the data's own maximum) scales another file like a reference one (values above clip)."""
+    i_max = float(intensity.max()) if i_max is None else float(i_max)
     if i_max <= 0:
         raise ValueError("all simulated intensities are zero")
     eps = i_max / dynamic_range
-    v = np.log1p(np.clip(intensity, 0, None) / eps) / math.log1p(i_max / eps)
+    v = np.minimum(np.log1p(np.clip(intensity, 0, None) / eps) / math.log1p(i_max / eps), 1.0)
     return np.round(v * quant_max).astype(np.uint16), i_max
 
 
@@ -189,6 +204,7 @@ def _metadata(params: SimulationParams, configs: list[tuple[int, int]], waveleng
         "configs": [{"defocus_A": params.defocus_A[d], "thickness_cells": params.thickness_cells[t],
                      "thickness_A": params.thickness_cells[t] * a} for d, t in configs],
         "scan_step_A": params.scan_cells * a / params.scan_gpts,
+        "scan_origin_A": params.scan_start_steps * params.scan_cells * a / params.scan_gpts,
         "axes": "patterns[config, scan_y, scan_x, ky, kx]",
         "wavelength_A": wavelength_A,
         "angular_sampling_mrad": angular_sampling,
@@ -200,15 +216,18 @@ def _metadata(params: SimulationParams, configs: list[tuple[int, int]], waveleng
     }
 
 
-def simulate_4dstem(params: SimulationParams | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run the multislice simulation; returns the arrays and metadata written by `save_npz`."""
+def simulate_4dstem(params: SimulationParams | None = None, verbose: bool = False,
+                    reference_i_max: float | None = None) -> dict[str, Any]:
+    """Run the multislice simulation; returns the arrays and metadata written by `save_npz`.
+    `reference_i_max`: log-scale with another file's I_max (the held-out set uses the training file's)."""
     import abtem
     import dask
 
     params = params or SimulationParams()
     dask.config.set(scheduler="synchronous")   # single thread: the machine is shared
     a = SRTIO3_LATTICE_A
-    scan = abtem.GridScan(start=(0.0, 0.0), end=(params.scan_cells * a, params.scan_cells * a),
+    origin = params.scan_start_steps * params.scan_cells * a / params.scan_gpts
+    scan = abtem.GridScan(start=(origin, origin), end=(origin + params.scan_cells * a,) * 2,
                           gpts=(params.scan_gpts, params.scan_gpts), endpoint=False)
     configs = params.selected_configs()
     wavelength_A = None
@@ -220,7 +239,7 @@ def simulate_4dstem(params: SimulationParams | None = None, verbose: bool = Fals
         patterns.update({(d, t): pattern for t, pattern in by_thickness.items()})
 
     stack = np.stack([patterns[c] for c in configs])
-    stored, i_max = log_quantise(stack, params.dynamic_range, params.quant_max)
+    stored, i_max = log_quantise(stack, params.dynamic_range, params.quant_max, reference_i_max)
     metadata = _metadata(params, configs, wavelength_A, angular_sampling, i_max)
     return {
         "patterns": stored,
@@ -277,6 +296,9 @@ class Stem4DDataset(Dataset):
             self.thickness_A = data["thickness_A"].astype(np.float64)
             self.defocus_A = data["defocus_A"].astype(np.float64)
             self.metadata: dict[str, Any] = json.loads(str(data["metadata"]))
+        if self.metadata.get("heldout") and split != "all":
+            raise ValueError(f"{path} is the held-out test set of the quality report: no {split!r} split "
+                             "reads it (use split='all' to evaluate on it)")
         quant_max = float(self.metadata["params"]["quant_max"])
         n_configs = patterns.shape[0]
         self.config_indices = list(range(n_configs)) if configs is None else [int(c) for c in configs]
@@ -319,11 +341,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-phonons", type=int, default=defaults.num_phonons)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-defects", action="store_true")
+    parser.add_argument("--heldout", action="store_true",
+                        help="write the held-out test scan (HELDOUT_PARAMS, scaled by --out's reference "
+                             f"file {ASSET_PATH.name}) to {HELDOUT_PATH.name} beside it")
     args = parser.parse_args(argv)
     params = SimulationParams(scan_gpts=args.scan_gpts, num_phonons=args.num_phonons, seed=args.seed,
                               defects=not args.no_defects)
+    reference_i_max = None
+    if args.heldout:
+        params, reference_i_max = HELDOUT_PARAMS, Stem4DDataset("all", args.out).metadata["intensity_max"]
+        args.out = args.out.with_name(HELDOUT_PATH.name)
     start = time.time()
-    result = simulate_4dstem(params, verbose=True)
+    result = simulate_4dstem(params, verbose=True, reference_i_max=reference_i_max)
+    if args.heldout:
+        result["metadata"]["heldout"] = True
     command = "python -m training.data.stem_4d " + " ".join(argv if argv is not None else sys.argv[1:])
     save_npz(result, args.out, command=command.strip())
     size = args.out.stat().st_size
