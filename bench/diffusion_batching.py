@@ -3,7 +3,8 @@
     python -m bench.diffusion_batching --store model_store [--model diffusion-layouts] [--steps 50]
                                        [--concurrency 8]
 
-Starts the service as a subprocess on 127.0.0.1 (the helpers of `bench.throughput`), then measures the
+Starts the service as a subprocess on 127.0.0.1 (`bench.servers`; `make bench` uses its running one
+instead, through `measure_against`), then measures the
 wall time of ONE `--steps`-step `sample` request (one image), and of `--concurrency` such requests sent
 at once with distinct seeds; each phase runs `--repeats` times and its median wall time is kept. With
 step-level continuous batching the concurrent requests share every denoiser call, so their wall time
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import io
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.schemas.manifest import Manifest
-from bench.throughput import free_port, latest_manifest, start_server
+from bench.servers import start_aeserve
+from bench.workloads import latest
 
 STEP_BATCH = "aeserve_diffusion_step_batch_size"
 
@@ -114,22 +117,27 @@ def median_phase(base: str, model: str, bodies: list[dict], repeats: int) -> tup
     return float(np.median([r[0] for r in runs])), float(np.mean([r[1] for r in runs])), runs[-1][2]
 
 
-def run(store: Path, model: str, steps: int, concurrency: int, repeats: int = 3) -> Result:
-    _, manifest = latest_manifest(store, model)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = start_server(store, port, [model])
-    try:
-        measure(base, model, [request_body(manifest, 2, seed=0)])  # warm the connection and the sampler
-        single_wall, single_batch, _ = median_phase(base, model, [request_body(manifest, steps, seed=0)], repeats)
-        bodies = [request_body(manifest, steps, seed=1 + i) for i in range(concurrency)]
-        concurrent_wall, concurrent_batch, images = median_phase(base, model, bodies, repeats)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def measure_against(base: str, manifest: Manifest, steps: int, concurrency: int, repeats: int = 3) -> Result:
+    """The figure, measured on the service answering at `base`."""
+    model = manifest.name
+    measure(base, model, [request_body(manifest, 2, seed=0)])  # warm the connection and the sampler
+    single_wall, single_batch, _ = median_phase(base, model, [request_body(manifest, steps, seed=0)], repeats)
+    bodies = [request_body(manifest, steps, seed=1 + i) for i in range(concurrency)]
+    concurrent_wall, concurrent_batch, images = median_phase(base, model, bodies, repeats)
     if concurrency > 1 and np.array_equal(images[0], images[1]):
         raise SystemExit("distinct seeds gave identical images")
     return Result(model, steps, concurrency, single_wall, concurrent_wall, single_batch, concurrent_batch)
+
+
+def run(store: Path, model: str, steps: int, concurrency: int, repeats: int = 3) -> Result:
+    """Start the service with `model` alone and measure the figure."""
+    _, manifest = latest(store, model)
+    with tempfile.TemporaryDirectory(prefix="aeserve-bench-") as logs:
+        server = start_aeserve(store, Path(logs), {"AESERVE_MODELS": model, "AESERVE_REQUEST_TIMEOUT_S": "600"})
+        try:
+            return measure_against(server.base, manifest, steps, concurrency, repeats)
+        finally:
+            server.stop()
 
 
 def print_table(r: Result) -> None:
