@@ -6,6 +6,8 @@ import argparse
 
 import uvicorn
 
+from app.settings import Settings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
@@ -13,7 +15,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, log_level=args.log_level)
+    access_log = Settings().access_log  # AESERVE_ACCESS_LOG=true: a line per request (off by default)
+    uvicorn.run(
+        "app.main:create_app", factory=True, host=args.host, port=args.port, log_level=args.log_level,
+        access_log=access_log,
+    )
 
 
 if __name__ == "__main__":

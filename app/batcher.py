@@ -6,10 +6,13 @@ op and per input signature (name, per-item shape and dtype of every input). Item
 request of N frames counts N, is split into chunks of at most the op's batch limit (the smaller of
 `max_batch_size` and the op's own; never rejected for its size) and answered in order. A queue
 flushes when it holds a full batch, when its first item has waited `max_delay_s`, or - with
-`idle_start` - as soon as the scheduler is free, so a lone request never waits while the next batch
-collects during a run. Batches are concatenated along axis 0 and split back by offsets in the
-worker thread; results go to each request's own future. Items past their deadline (504; absolute,
-on the loop clock) or whose client left (cancelled future) are dropped before running.
+`idle_start` - as soon as the scheduler is free and no more requests for the op are on their way (being
+read or decoded: `expecting`), so a lone request never waits, the next batch collects during a run, and
+under load a batch waits the few ms it takes the requests being decoded to join it. Batches are
+concatenated along axis 0 and split back by offsets in the worker thread; results go to each request's
+own future. Items past their deadline (504; absolute, on the loop clock) or whose client left (cancelled
+future) are dropped before running. An op may need a one-off load (a program loaded at first use): it
+runs in a thread of its own when the op is first submitted, so the model's other ops keep running.
 
 Faults: a batch that raises is re-run in halves (`app.scheduling.isolate_failures`, at most 2n - 1
 runs for n request chunks, re-runs counted in `aeserve_batch_retries_total`) until each failure is
@@ -28,16 +31,18 @@ An op without inputs (a fixed render) runs once per request and is never batched
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from app.admission import ItemBudget, shed
-from app.errors import EngineError, ShuttingDown
+from app.errors import DeadlineExceeded, EngineError, ShuttingDown
 from app.metrics import BATCH_RETRIES, BATCH_SIZE, COMPUTE_DURATION, QUEUE_DEPTH, QUEUE_WAIT
 from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, isolate_failures, settle_if_expired
 
@@ -56,12 +61,28 @@ class _Item:
     deadline: float | None
 
 
+@dataclass(frozen=True)
+class _OpMetrics:
+    """The metric children of one (model, version, op), looked up once instead of per item."""
+
+    depth: Any
+    wait: Any
+    compute: Any
+    size: Any
+
+    @classmethod
+    def of(cls, *labels: str) -> _OpMetrics:
+        return cls(QUEUE_DEPTH.labels(*labels), QUEUE_WAIT.labels(*labels), COMPUTE_DURATION.labels(*labels),
+                   BATCH_SIZE.labels(*labels))
+
+
 @dataclass(eq=False)
 class _Queue:
     op: str
     run: RunFn
     max_batch: int
     has_inputs: bool
+    metrics: _OpMetrics
     items: deque[_Item] = field(default_factory=deque)
     queued: int = 0  # frames waiting (live or not yet purged)
 
@@ -71,6 +92,8 @@ class _OpEntry:
     run: RunFn
     max_batch: int
     has_inputs: bool
+    metrics: _OpMetrics
+    load: Callable[[], None] | None = None  # run once, in a thread of its own, before the op's first item
 
 
 def split_sizes(total: int, max_batch: int) -> list[int]:
@@ -129,15 +152,33 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         self.max_queues = max_queues
         self._ops: dict[str, _OpEntry] = {}
         self._queues: dict[tuple, _Queue] = {}
+        self._incoming: dict[str, int] = {}  # requests per op being read or decoded (`expecting`)
+        self._loads: dict[str, asyncio.Future[None]] = {}  # one-off loads of ops (`register(load=...)`)
         self._last_compute_s = 0.01  # seconds of the last batch, for Retry-After
 
     # ------------------------------------------------------------------ set-up
     def register(
-        self, op: str, run: RunFn, *, max_batch_size: int | None = None, has_inputs: bool = True
+        self, op: str, run: RunFn, *, max_batch_size: int | None = None, has_inputs: bool = True,
+        load: Callable[[], None] | None = None,
     ) -> None:
-        """Make `op` runnable through this engine; its batches hold at most `max_batch_size` items."""
+        """Make `op` runnable through this engine; its batches hold at most `max_batch_size` items. `load`
+        (e.g. a program loaded at first use) runs once, off the worker thread, when the op is first
+        submitted: the model's other ops keep running meanwhile; what it raises, every request of the op gets."""
         limit = min(self.max_batch_size, max_batch_size or self.max_batch_size)
-        self._ops[op] = _OpEntry(run=run, max_batch=max(1, limit), has_inputs=has_inputs)
+        metrics = _OpMetrics.of(self.model, self.version, op)
+        self._ops[op] = _OpEntry(run, max(1, limit), has_inputs, metrics, load)
+
+    async def _loaded(self, op: str, load: Callable[[], None], deadline: float | None) -> None:
+        """Wait (until `deadline`: 504) for `op`'s one-off `load`, started by its first caller."""
+        task = self._loads.get(op)
+        if task is None:
+            task = self._loads[op] = asyncio.ensure_future(asyncio.to_thread(load))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: quiet
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(task)  # a caller that leaves does not cancel the others' load
+        except TimeoutError:
+            raise DeadlineExceeded(f"{op} did not load within the request deadline", field="deadline") from None
 
     async def stop(self, *, drain: bool = True) -> None:
         """Stop taking work; with `drain` finish what is queued, else fail it with 503."""
@@ -152,6 +193,21 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         """Queues held now (empty ones are pruned at the scheduler's next pass)."""
         return len(self._queues)
 
+    @contextlib.contextmanager
+    def expecting(self, op: str) -> Iterator[None]:
+        """Count a request for `op` while its body is read and decoded: an idle engine lets it join the batch
+        (waiting up to `max_delay_s` from the batch's first item) instead of starting a smaller one without it.
+        A request that fails wakes the scheduler; one that succeeds wakes it by submitting."""
+        self._incoming[op] = self._incoming.get(op, 0) + 1
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            self._incoming[op] -= 1
+            if failed:
+                self._wake_up()
+
     async def submit(self, op: str, inputs: Arrays, *, deadline: float | None = None) -> Arrays:
         """Queue `inputs` (all with the same leading batch axis) for `op`; returns that op's outputs.
 
@@ -159,9 +215,11 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         with 504. A stopped engine raises `ShuttingDown` (503), a failed one `ModelUnavailable` (503); a
         full queue, a full shared budget or too many queues `QueueFull` (429).
         """
-        if not self.running:
-            raise self.unavailable() if self.failure else ShuttingDown("the server is shutting down")
+        self._check_running()
         entry = self._ops[op]
+        if entry.load is not None:
+            await self._loaded(op, entry.load, deadline)
+            self._check_running()  # it may have stopped meanwhile
         total = next(iter(inputs.values())).shape[0] if entry.has_inputs and inputs else 1
         key = (op, tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(inputs.items())))
         queue = self._queues.get(key)
@@ -177,7 +235,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                 labels=(self.model, self.version, op),
             )
         if queue is None:
-            queue = self._queues[key] = _Queue(op, entry.run, entry.max_batch, entry.has_inputs)
+            queue = self._queues[key] = _Queue(op, entry.run, entry.max_batch, entry.has_inputs, entry.metrics)
         items = self._enqueue(queue, inputs, total, deadline)
         results = await self._wait_for_results(
             [item.future for item in items], deadline, f"{op} did not finish within the request deadline"
@@ -185,6 +243,10 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         if len(results) == 1:
             return results[0]
         return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+
+    def _check_running(self) -> None:
+        if not self.running:
+            raise self.unavailable() if self.failure else ShuttingDown("the server is shutting down")
 
     def _retry_after_s(self, queued: int, max_batch: int) -> float:
         """Seconds until `queued` items have run, from the last batch's time."""
@@ -225,7 +287,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
             items.append(_Item(chunk, size, loop.create_future(), now, deadline))
         queue.items.extend(items)
         queue.queued += total
-        QUEUE_DEPTH.labels(self.model, self.version, queue.op).inc(total)
+        queue.metrics.depth.inc(total)
         self._wake_up()
         return items
 
@@ -233,7 +295,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
     def _forget(self, queue: _Queue, item: _Item) -> None:
         queue.queued -= item.size
         self.budget.release(item.size)
-        QUEUE_DEPTH.labels(self.model, self.version, queue.op).dec(item.size)
+        queue.metrics.depth.dec(item.size)
 
     def _is_over(self, item: _Item, now: float) -> bool:
         return settle_if_expired(item.future, item.deadline, now, EXPIRED_IN_QUEUE)
@@ -243,8 +305,14 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         while queue.items and self._is_over(queue.items[0], now):
             self._forget(queue, queue.items.popleft())
 
+    def _is_ready(self, queue: _Queue, now: float, due: float) -> bool:
+        """A full batch, a head that waited `max_delay_s`, stopping, or (idle start) nothing more on its way."""
+        if self._stopping or queue.queued >= queue.max_batch or now >= due:
+            return True
+        return self.idle_start and not self._incoming.get(queue.op)
+
     def _pick(self, now: float) -> tuple[_Queue | None, float | None]:
-        """The ready queue with the oldest head, else how long until one becomes ready."""
+        """The ready queue with the oldest head, else how long until one becomes ready (called when idle)."""
         best: _Queue | None = None
         wait: float | None = None
         for queue in self._queues.values():
@@ -253,7 +321,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         for queue in self._queues.values():
             head = queue.items[0]
             due = head.enqueued_at + self.max_delay_s
-            if self.idle_start or self._stopping or queue.queued >= queue.max_batch or now >= due:
+            if self._is_ready(queue, now, due):
                 if best is None or head.enqueued_at < best.items[0].enqueued_at:
                     best = queue
             else:
@@ -299,7 +367,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         for item in items:
-            QUEUE_WAIT.labels(*labels).observe(started - item.enqueued_at)
+            queue.metrics.wait.observe(started - item.enqueued_at)
         failed, retries = await isolate_failures(
             items, lambda part: self._run(queue, part), lambda item: not self._is_over(item, loop.time())
         )
@@ -314,7 +382,6 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
 
     async def _run(self, queue: _Queue, items: list[_Item]) -> None:
         """Run `items` as one batch on the worker thread and answer them; raises what the run raised."""
-        labels = (self.model, self.version, queue.op)
         sizes = [item.size for item in items]
         t0 = time.perf_counter()
         try:
@@ -323,8 +390,8 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         finally:
             elapsed = time.perf_counter() - t0
             self._last_compute_s = elapsed
-            COMPUTE_DURATION.labels(*labels).observe(elapsed)
-            BATCH_SIZE.labels(*labels).observe(sum(sizes))
+            queue.metrics.compute.observe(elapsed)
+            queue.metrics.size.observe(sum(sizes))
         for item, result in zip(items, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)

@@ -1,7 +1,8 @@
 """The lifespan owns every resource: load store -> runtimes -> warm up -> engines/samplers -> ready -> drain.
 
 With `load_in_background` (and not `strict`) the lifespan returns at once, so the port answers while a
-background task loads the models one by one (/readyz: 503 with each model's state until all are done).
+background task loads the models (/readyz: 503 with each model's state until all are done). Models load
+and warm concurrently, as many at once as the machine has cores, largest first.
 An engine or sampler whose scheduler stays down (`app.scheduling` supervision) makes its model
 unavailable, with a log line and a 503 from /readyz (`report_failure`); `app.shutdown` drains on
 SIGTERM. Everything lives on `app.state` (`settings`, `models`, `ready` = loading done, `drain`) and is
@@ -23,7 +24,10 @@ from fastapi import FastAPI
 from app.admission import Admission, ItemBudget
 from app.batcher import Engine
 from app.diffusion import ContinuousDdimSampler
+from app.errors import FeatureUnavailable
 from app.metrics import MODEL_LOAD_SECONDS, MODEL_READY
+from app.runtime.base import RuntimeLoadError
+from app.runtime.threads import machine_cores
 from app.scheduling import WorkerLoop
 from app.schemas.manifest import OpSpec, TensorSpec
 from app.settings import Settings
@@ -87,11 +91,11 @@ def dummy_inputs(specs: list[TensorSpec], batch: int, hw: tuple[int, int] | None
 
 def warm_up(record: ModelRecord, settings: Settings) -> int:
     """Run every op at every shape bucket x batch size once, and the saliency gradient once per bucket
-    (blocking); returns the number of runs.
+    when its program is loaded (blocking); returns the number of runs.
 
     Batch sizes grow until one run takes longer than `warmup_max_run_s`: past that, the first-call
-    overhead a warm-up removes is small beside the run itself (a 4D-STEM reconstruction costs ~44 GMAC
-    per image: warming batch 32 on a CPU would take minutes)."""
+    overhead a warm-up removes is small beside the run itself (on CPU a first call costs a few ms more
+    than the next at any batch size; a 4D-STEM reconstruction costs ~44 GMAC per image)."""
     assert record.manifest is not None
     runs = 0
     for op_name, runtime in record.runtimes.items():
@@ -108,13 +112,18 @@ def warm_up(record: ModelRecord, settings: Settings) -> int:
                 runs += 1
                 if settings.warmup_max_run_s and time.perf_counter() - started > settings.warmup_max_run_s:
                     break
-    if record.saliency is not None and record.manifest.saliency is not None:
+    if saliency_loaded(record) and record.manifest.saliency is not None:
         op = record.op(record.manifest.saliency.op)
         for hw in shape_buckets(record, op):
             x = dummy_inputs(op.inputs[:1], 1, hw)[op.inputs[0].name]
             record.saliency.input_gradient(x, record.manifest.saliency)
             runs += 1
     return runs
+
+
+def saliency_loaded(record: ModelRecord) -> bool:
+    """The model has a saliency program and it is loaded (a program loaded at first use is not, until then)."""
+    return record.saliency is not None and getattr(record.saliency, "loaded", True)
 
 
 def build_engine(record: ModelRecord, settings: Settings, budget: ItemBudget | None = None) -> Engine:
@@ -144,8 +153,27 @@ def build_engine(record: ModelRecord, settings: Settings, budget: ItemBudget | N
         def gradient(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {"grad_abs": saliency.input_gradient(inputs[input_name], spec)}
 
-        engine.register(SALIENCY_OP, gradient, max_batch_size=op.max_batch_size)
+        load = None if saliency_loaded(record) else first_use_loader(record)
+        engine.register(SALIENCY_OP, gradient, max_batch_size=op.max_batch_size, load=load)
     return engine
+
+
+def first_use_loader(record: ModelRecord) -> Callable[[], None]:
+    """Load the model's saliency program (the engine runs it once, off its worker thread, for the first
+    saliency request); when it cannot load, that request and every later one get 501, as without torch."""
+    saliency = record.saliency
+
+    def load() -> None:
+        try:
+            saliency.load()  # type: ignore[union-attr]
+        except RuntimeLoadError as exc:
+            record.saliency, record.saliency_reason = None, str(exc)
+            raise FeatureUnavailable(
+                f"saliency is unavailable for {record.name!r}: {exc}; ask with ?saliency=false for the"
+                " attention matrix alone", field="saliency", code="saliency_unavailable",
+            ) from exc
+
+    return load
 
 
 def build_sampler(record: ModelRecord, settings: Settings) -> ContinuousDdimSampler:
@@ -234,18 +262,40 @@ def register_models(registry: ModelRegistry, settings: Settings) -> None:
             MODEL_READY.labels(record.name, record.label_version).set(0)
 
 
-async def load_all(app: FastAPI, registry: ModelRegistry, settings: Settings, budget: ItemBudget) -> None:
-    """Verify, load, warm up and start every model in turn, then mark loading done (`app.state.ready`).
+def stored_bytes(record: ModelRecord) -> int:
+    """Bytes of the files of a model's version folder: how long it takes to load, roughly."""
+    if record.path is None or not record.path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in record.path.iterdir() if f.is_file())
 
-    Under strict the first model that fails raises `StartupError`."""
-    for record in registry:
+
+async def load_one(record: ModelRecord, settings: Settings, budget: ItemBudget, slots: asyncio.Semaphore) -> None:
+    """Verify, load, warm up and start one model within a loading slot; `StartupError` under strict."""
+    async with slots:
         started = time.perf_counter()
         await asyncio.to_thread(load_model, record, settings)
         record.load_seconds = time.perf_counter() - started
         if record.state != "unavailable":
             await start_model(record, settings, budget)
-        if record.state == "unavailable" and settings.strict:
-            raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
+    if record.state == "unavailable" and settings.strict:
+        raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
+
+
+async def load_all(app: FastAPI, registry: ModelRegistry, settings: Settings, budget: ItemBudget) -> None:
+    """Verify, load, warm up and start every model, as many at once as there are cores (largest first: the
+    last to finish is then a small one), then mark loading done (`app.state.ready`).
+
+    Under strict the first model that fails raises `StartupError` (the others are cancelled)."""
+    slots = asyncio.Semaphore(machine_cores())
+    largest_first = sorted(registry, key=stored_bytes, reverse=True)
+    tasks = [asyncio.create_task(load_one(r, settings, budget, slots), name=f"load-{r.name}") for r in largest_first]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            await finished
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     app.state.ready = True
     log.info("ready: %s", ", ".join(f"{r.name}/{r.version}={r.state}" for r in registry) or "no models")
 

@@ -26,10 +26,18 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
 
 
+def configure_access_log(enabled: bool) -> None:
+    """Silence uvicorn's access log unless `enabled`: uvicorn writes a line per request only while its
+    `uvicorn.access` logger has handlers (checked for each new connection), whatever its command line."""
+    if not enabled:
+        logging.getLogger("uvicorn.access").handlers.clear()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; `settings` default to the AESERVE_* environment."""
     settings = settings or Settings()
     configure_logging(settings.log_level)
+    configure_access_log(settings.access_log)
     app = FastAPI(
         title="aeserve",
         summary="Image autoencoders, decoders and diffusion samplers behind one batched HTTP API.",

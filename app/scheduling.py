@@ -199,10 +199,10 @@ class WorkerLoop(ABC, Generic[BatchT]):
         Futures still unanswered when the caller stops waiting (deadline, error, cancellation) are
         cancelled, so the scheduler skips their work.
         """
-        timeout = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
         self._waiting.update(futures)
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            async with asyncio.timeout_at(deadline):  # no task and no gather for the usual single future
+                return [await futures[0]] if len(futures) == 1 else list(await asyncio.gather(*futures))
         except TimeoutError:
             raise DeadlineExceeded(late, field="deadline") from None
         finally:
@@ -287,7 +287,8 @@ class WorkerLoop(ABC, Generic[BatchT]):
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):  # no task per sleep, unlike wait_for
+                    await self._wake.wait()
 
     @abstractmethod
     def _next_batch(self, now: float) -> tuple[BatchT | None, float | None]:

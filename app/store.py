@@ -123,7 +123,7 @@ def load_runtime(fmt: ArtifactFormat, version_dir: Path, manifest: Manifest, op:
     if fmt == "onnx":
         from app.runtime.onnx import OnnxRuntime
 
-        return OnnxRuntime(path, **common)
+        return OnnxRuntime(path, cpu_mem_arena=settings.cpu_mem_arena, **common)
     if fmt == "aoti":
         from app.runtime.aoti import AotiRuntime
 

@@ -14,6 +14,7 @@ from app.api.deps import RecordDep, RegistryDep, SettingsDep
 from app.api.security import is_admin, public_view, scrub_paths
 from app.metrics import REGISTRY
 from app.runtime.torch_export import SALIENCY_METHOD
+from app.settings import Settings
 from app.store import ModelRecord, ModelRegistry
 
 router = APIRouter(tags=["system"])
@@ -23,7 +24,31 @@ def providers(record: ModelRecord) -> dict[str, str]:
     return {op: runtime.provider for op, runtime in record.runtimes.items()}
 
 
-def list_item(record: ModelRecord) -> dict[str, Any]:
+def runtime_config(runtime: Any) -> dict[str, Any]:
+    """Format, provider and threads of one runtime (what it says of itself)."""
+    describe = getattr(runtime, "describe", None)
+    return describe() if describe is not None else {"format": runtime.format, "provider": runtime.provider}
+
+
+def engine_config(record: ModelRecord, settings: Settings) -> dict[str, Any] | None:
+    """How the model is served: engine instances, the batching policy and each op's runtime (None: not loaded)."""
+    if record.manifest is None or not record.runtimes:
+        return None
+    limit = settings.max_batch_size
+    ops = {
+        name: {**runtime_config(runtime), "max_batch_size": min(record.op(name).max_batch_size, limit)}
+        for name, runtime in record.runtimes.items()
+    }
+    return {
+        "instances": 1,  # one batch in flight per model; its runtimes use `threads` cores for it
+        "max_delay_ms": settings.max_delay_ms,
+        "idle_start": settings.idle_start,
+        "ops": ops,
+        "saliency": runtime_config(record.saliency) if record.saliency is not None else None,
+    }
+
+
+def list_item(record: ModelRecord, settings: Settings) -> dict[str, Any]:
     manifest = record.manifest
     return {
         "name": record.name,
@@ -33,12 +58,14 @@ def list_item(record: ModelRecord) -> dict[str, Any]:
         "family": manifest.family if manifest else None,
         "capabilities": list(manifest.capabilities) if manifest and record.state != "unavailable" else [],
         "providers": providers(record),
+        "engine": engine_config(record, settings),
     }
 
 
-def summary(record: ModelRecord, settings_max_batch: int) -> dict[str, Any]:
+def summary(record: ModelRecord, settings: Settings) -> dict[str, Any]:
     """Everything a client needs to call the model, plus where it came from and how good it is."""
-    item = list_item(record)
+    settings_max_batch = settings.max_batch_size
+    item = list_item(record, settings)
     manifest = record.manifest
     if manifest is None:
         return item
@@ -71,14 +98,15 @@ def summary(record: ModelRecord, settings_max_batch: int) -> dict[str, Any]:
         "saliency": saliency,
         "sampler": manifest.sampler.model_dump() if manifest.sampler else None,
         "training": manifest.training,
+        "metrics": manifest.metrics,
         "provenance": manifest.provenance,
         "load_seconds": round(record.load_seconds, 4),
     }
 
 
 @router.get("/v1/models", summary="Every model of the store with its state (ready / unavailable + reason)")
-async def list_models(request: Request, registry: RegistryDep) -> dict[str, Any]:
-    models = [list_item(r) for r in registry]
+async def list_models(request: Request, registry: RegistryDep, settings: SettingsDep) -> dict[str, Any]:
+    models = [list_item(r, settings) for r in registry]
     return {"models": models if is_admin(request) else scrub_paths(models)}
 
 
@@ -88,7 +116,7 @@ async def list_models(request: Request, registry: RegistryDep) -> dict[str, Any]
     " admins only)",
 )
 async def describe_model(request: Request, record: RecordDep, settings: SettingsDep) -> dict[str, Any]:
-    full = summary(record, settings.max_batch_size)
+    full = summary(record, settings)
     return full if is_admin(request) else public_view(full)
 
 

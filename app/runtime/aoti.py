@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.runtime.base import RuntimeLoadError
+from app.runtime.threads import resolve_threads
 from app.runtime.torch_export import import_torch, pick_torch_device
 from app.schemas.manifest import TensorSpec
 
@@ -54,14 +55,15 @@ class AotiRuntime:
         inputs: list[TensorSpec],
         outputs: list[TensorSpec],
         device: Literal["auto", "cpu", "cuda"] = "auto",
-        intra_op_threads: int = 1,
+        intra_op_threads: int = 0,
         loader: Any = None,
         data: bytes | None = None,
     ) -> None:
         """`data`: the verified bytes of the package at `path` (None: load `path` itself)."""
         torch = import_torch()
         self._torch = torch
-        torch.set_num_threads(intra_op_threads)
+        self.threads = resolve_threads(intra_op_threads)
+        torch.set_num_threads(self.threads)
         self.device = pick_torch_device(torch, device)
         try:
             load = loader or torch._inductor.aoti_load_package
@@ -80,6 +82,10 @@ class AotiRuntime:
         self.provider = f"aoti:{self.device}"
         self._lock = threading.Lock()
         log.info("aoti %s on %s", Path(path).name, self.provider)
+
+    def describe(self) -> dict[str, Any]:
+        """How the package is configured (for `/v1/models`)."""
+        return {"format": self.format, "provider": self.provider, "threads": self.threads}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.runtime.base import RuntimeLoadError
+from app.runtime.threads import resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,15 @@ def refuse_external_data(data: bytes, name: str) -> None:
         )
 
 
-def session_options(ort: Any, intra_op_threads: int) -> Any:
-    """Sequential, no spinning threads, every graph optimisation, no external data."""
+def session_options(ort: Any, intra_op_threads: int, *, cpu_mem_arena: bool = False) -> Any:
+    """Sequential, no spinning threads, every graph optimisation, no external data; the CPU arena only when
+    asked (it keeps the session's largest run allocated for good)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = cpu_mem_arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_EXTERNAL_DATA_FOLDER)
@@ -76,15 +79,19 @@ class OnnxRuntime:
         path: Path,
         *,
         device: Literal["auto", "cpu", "cuda"] = "auto",
-        intra_op_threads: int = 1,
+        intra_op_threads: int = 0,
         data: bytes | None = None,
+        cpu_mem_arena: bool = False,
     ) -> None:
-        """`data`: the verified bytes of the model at `path` (read from `path` when None)."""
+        """`data`: the verified bytes of the model at `path` (read from `path` when None);
+        `intra_op_threads` 0: the machine's cores."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - the cpu/gpu extra installs it
             raise RuntimeLoadError("onnxruntime is not installed (pip install 'aeserve[cpu]')") from exc
-        options = session_options(ort, intra_op_threads)
+        self.threads = resolve_threads(intra_op_threads)
+        self.cpu_mem_arena = cpu_mem_arena
+        options = session_options(ort, self.threads, cpu_mem_arena=cpu_mem_arena)
         self.path = Path(path)
         model = data if data is not None else self._read(self.path)
         refuse_external_data(model, self.path.name)
@@ -112,9 +119,10 @@ class OnnxRuntime:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         log.info(
-            "onnx %s on %s%s",
+            "onnx %s on %s, %d threads%s",
             self.path.name,
             self.provider,
+            self.threads,
             f" ({self.fallback_reason})" if self.fallback_reason else "",
         )
 
@@ -124,6 +132,11 @@ class OnnxRuntime:
             return path.read_bytes()
         except OSError as exc:
             raise RuntimeLoadError(f"cannot read ONNX model {path.name}: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        """How the session is configured (for `/v1/models`)."""
+        return {"format": self.format, "provider": self.provider, "threads": self.threads,
+                "cpu_mem_arena": self.cpu_mem_arena}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, inputs)

@@ -1,6 +1,9 @@
 """A `torch.export` program (.pt2): runs an op and computes input-gradient saliency.
 
-torch is optional for the service; it is imported only when such an artifact is loaded.
+torch is optional for the service and costs seconds and hundreds of MB to import, so a program is
+loaded at its first use (a saliency request), from the verified bytes it was handed; only when torch is
+already imported (nothing left to save) is it loaded at once. Without torch installed the program is
+refused at once, before anything runs.
 
 What `torch.export.load` may unpickle (torch 2.4-2.13, `torch.export.pt2_archive._package`): weights
 and tensor constants saved with `use_pickle` (tensor subclasses: `torch.load(weights_only=False)`),
@@ -20,10 +23,12 @@ compiled native code loaded. A service must run none of that from a file it was 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.runtime.base import RuntimeLoadError
+from app.runtime.threads import resolve_threads
 from app.schemas.manifest import SaliencySpec
 
 log = logging.getLogger(__name__)
@@ -39,12 +45,30 @@ log = logging.getLogger(__name__)
 SALIENCY_METHOD = "input-gradient via torch.export program"
 
 
+TORCH_MISSING = "torch is not installed (pip install 'aeserve[torch]')"
+
+
 def import_torch() -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise RuntimeLoadError("torch is not installed (pip install 'aeserve[torch]')") from exc
+        raise RuntimeLoadError(TORCH_MISSING) from exc
     return torch
+
+
+def torch_imported() -> bool:
+    """True once `import torch` was attempted in this process (a blocked import counts: it fails at once)."""
+    return "torch" in sys.modules
+
+
+def require_torch_installed() -> None:
+    """RuntimeLoadError when torch cannot be imported here; looks it up without importing it."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise RuntimeLoadError(TORCH_MISSING)
 
 
 def pick_torch_device(torch: Any, device: Literal["auto", "cpu", "cuda"]) -> str:
@@ -113,7 +137,8 @@ def first_tensor(output: Any) -> Any:
 
 
 class TorchExportRuntime:
-    """`torch.export.load(path).module()`, fed positionally in the manifest's input order."""
+    """`torch.export.load(path).module()`, fed positionally in the manifest's input order; loaded at first
+    use unless torch is already imported (see the module doc)."""
 
     format = "torch_export"
 
@@ -124,31 +149,72 @@ class TorchExportRuntime:
         input_names: list[str],
         output_names: list[str],
         device: Literal["auto", "cpu", "cuda"] = "auto",
-        intra_op_threads: int = 1,
+        intra_op_threads: int = 0,
         data: bytes | None = None,
     ) -> None:
         """`data`: the verified bytes of the program at `path` (read from `path` when None)."""
-        torch = import_torch()
-        self._torch = torch
-        torch.set_num_threads(intra_op_threads)
-        self.device = pick_torch_device(torch, device)
-        name = Path(path).name
-        try:
-            program_bytes = data if data is not None else Path(path).read_bytes()
-        except OSError as exc:
-            raise RuntimeLoadError(f"cannot read torch.export program {name}: {exc}") from exc
-        refuse_unsafe_archive(program_bytes, name)
-        try:
-            with weights_only_loads():
-                program = torch.export.load(io.BytesIO(program_bytes))
-        except Exception as exc:
-            raise RuntimeLoadError(f"cannot load torch.export program {name}: {exc}") from exc
-        self.module = program.module().to(self.device)
-        self.provider = f"torch:{self.device}"
+        self.name = Path(path).name
         self.input_names = list(input_names)
         self.output_names = list(output_names)
+        self.threads = resolve_threads(intra_op_threads)
+        self._device_setting: Literal["auto", "cpu", "cuda"] = device
+        self.device = ""  # known once loaded
+        self.module: Any = None
+        self._torch: Any = None
+        self._load_error: RuntimeLoadError | None = None
         self._lock = threading.Lock()  # one call in flight: the module is not re-entrant under autograd
-        log.info("torch.export %s on %s", name, self.provider)
+        try:
+            self._program_bytes: bytes | None = data if data is not None else Path(path).read_bytes()
+        except OSError as exc:
+            raise RuntimeLoadError(f"cannot read torch.export program {self.name}: {exc}") from exc
+        if torch_imported():
+            self._load()
+        else:
+            require_torch_installed()
+            log.info("torch.export %s: loads at its first use", self.name)
+
+    @property
+    def loaded(self) -> bool:
+        return self.module is not None
+
+    @property
+    def provider(self) -> str:
+        return f"torch:{self.device}" if self.loaded else "torch (loads at first use)"
+
+    def describe(self) -> dict[str, Any]:
+        """How the program is configured (for `/v1/models`)."""
+        return {"format": self.format, "provider": self.provider, "threads": self.threads, "loaded": self.loaded}
+
+    def load(self) -> None:
+        """Load the program now unless it is (blocking; thread-safe); RuntimeLoadError when it cannot be."""
+        with self._lock:
+            self._load()
+
+    def _load(self) -> None:
+        """Import torch, refuse an unsafe archive, load the program from the verified bytes (once)."""
+        if self.module is not None:
+            return
+        if self._load_error is not None:
+            raise self._load_error
+        try:
+            torch = import_torch()
+            torch.set_num_threads(self.threads)
+            device = pick_torch_device(torch, self._device_setting)
+            program_bytes = self._program_bytes or b""
+            refuse_unsafe_archive(program_bytes, self.name)
+            try:
+                with weights_only_loads():
+                    program = torch.export.load(io.BytesIO(program_bytes))
+            except Exception as exc:
+                raise RuntimeLoadError(f"cannot load torch.export program {self.name}: {exc}") from exc
+            self._torch = torch
+            self.module = program.module().to(device)
+        except RuntimeLoadError as exc:
+            self._load_error = exc
+            raise
+        self.device = device
+        self._program_bytes = None
+        log.info("torch.export %s on %s", self.name, self.provider)
 
     def _tensors(self, inputs: dict[str, np.ndarray]) -> list[Any]:
         return [
@@ -156,17 +222,24 @@ class TorchExportRuntime:
         ]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock, self._torch.no_grad():
-            output = self.module(*self._tensors(inputs))
+        with self._lock:
+            self._load()
+            with self._torch.no_grad():
+                output = self.module(*self._tensors(inputs))
         outputs = output if isinstance(output, (tuple, list)) else [first_tensor(output)]
         return {name: t.detach().cpu().numpy() for name, t in zip(self.output_names, outputs, strict=False)}
 
     def input_gradient(self, x: np.ndarray, spec: SaliencySpec) -> np.ndarray:
         """|d/dx sum((f(x) - x)^2)| per element, unnormalised (per-sample independent, so batchable)."""
-        torch = self._torch
         if spec.objective != "sum_squared_reconstruction_error":  # pragma: no cover - schema allows one
             raise ValueError(f"unknown saliency objective {spec.objective}")
-        with self._lock, torch.enable_grad():
+        with self._lock:
+            self._load()
+            return self._gradient(x)
+
+    def _gradient(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.enable_grad():
             xt = (
                 torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
                 .to(self.device)
