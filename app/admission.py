@@ -34,6 +34,7 @@ MAX_HEADER_CHARS = 32
 # The `reason` label of aeserve_rejections_total (a closed set).
 REJECTION_REASONS = (
     "inflight_limit",  # Admission: too many requests in flight
+    "inflight_memory",  # app.budget.InputPool: the bytes of the requests in flight (inputs, answers)
     "queue_full",  # Engine: the (op, shape) queue is full
     "items_budget",  # Engine: the items of all queues of all engines together
     "queue_count",  # Engine: too many distinct (op, shape) queues

@@ -5,9 +5,11 @@ input) plus, one part at a time, what a part's decoding needs on top (`transient
 the headers, before anything is decoded, and refuses (413) the part that would pass the limit.
 `check_answer` sizes an answer in the format asked for before it is encoded (406 naming the formats
 that fit, 413 when none does). `decode_limiter` bounds how many requests decode at once.
-`InputPool` bounds the input bytes all requests in flight hold together (`max_inflight_memory_bytes`):
-each request's `InputReservation` grows as its size becomes known (body, then the headers' declared
-cost, before decoding) and is given back whole when the request ends; it never waits (429 when full).
+`InputPool` bounds the bytes all requests in flight hold together (`max_inflight_memory_bytes`): each
+request's `InputReservation` grows as its size becomes known (body, then the headers' declared cost,
+before decoding, then its answer's encoding estimate, before encoding: `hold_answer`) and is given back
+whole when the request ends; it never waits (429 when full, counted as `inflight_memory` in
+`aeserve_rejections_total`; the bytes held are the gauge `aeserve_inflight_memory_bytes`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 
 import anyio
 
-from app.admission import retry_after
-from app.errors import NotAcceptable, PayloadTooLarge, QueueFull
+from app.admission import shed
+from app.errors import NotAcceptable, PayloadTooLarge
+from app.metrics import INFLIGHT_MEMORY
 from app.settings import Settings
 
 # Working bytes per value of an answer while it is encoded, peak RSS measured on 4M float32 values and
@@ -29,6 +32,7 @@ from app.settings import Settings
 ANSWER_BYTES_PER_VALUE = {"json": 96, "npy": 16, "png": 24}
 _DEFAULT_LIMIT = int(Settings.model_fields["max_request_memory_bytes"].default)
 _answer_limit: ContextVar[int] = ContextVar("aeserve_answer_limit", default=_DEFAULT_LIMIT)
+_answer_pool: ContextVar[InputReservation | None] = ContextVar("aeserve_answer_pool", default=None)
 
 
 def mib(nbytes: int) -> str:
@@ -84,6 +88,20 @@ def check_answer(values: int, fmt: str, formats: Sequence[str]) -> None:
     )
 
 
+def answers_held_by(reservation: InputReservation | None) -> None:
+    """Where `hold_answer` holds the current request's answer (its context): its pool share, or nowhere."""
+    _answer_pool.set(reservation)
+
+
+def hold_answer(values: int, fmt: str) -> None:
+    """Hold an answer's encoding bytes (`check_answer`'s estimate) in the request's pool share before it is
+    encoded: 429 when the requests in flight leave no room. On the event loop only; idempotent."""
+    reservation = _answer_pool.get()
+    if reservation is not None:
+        nbytes = values * ANSWER_BYTES_PER_VALUE[fmt]
+        reservation.hold_answer(nbytes, field="format", what=f"an answer of {values} values as {fmt}")
+
+
 # ----------------------------------------------------------------------------------------------- concurrency
 def decode_limiter(state: Any, settings: Settings) -> anyio.CapacityLimiter:
     """The app's pool of decoding slots (`max_concurrent_decodes`), made on first use in its event loop."""
@@ -103,7 +121,7 @@ def input_pool(state: Any, settings: Settings) -> InputPool:
 
 
 class InputPool:
-    """The input bytes of all requests in flight together, at most `limit`; taken without waiting.
+    """The bytes (inputs, answers) of all requests in flight together, at most `limit`; taken without waiting.
 
     Used on the event loop thread only (no locks). Retry-After is the mean time a reservation was
     held lately (an exponential moving average), as for `app.admission.Admission`.
@@ -116,9 +134,11 @@ class InputPool:
         self.held = 0
         self.mean_hold_s: float | None = None
 
-    def take(self, nbytes: int, total: int, *, field: str, what: str) -> None:
+    def take(self, nbytes: int, total: int, *, field: str, what: str,
+             labels: tuple[str, str, str] = ("", "", "")) -> None:
         """Take `nbytes` more for a request that then holds `total`: 413 when `total` alone passes the
-        pool, 429 (QueueFull, Retry-After) when the others leave no room now; nothing taken on refusal."""
+        pool, 429 (QueueFull, Retry-After; counted for `labels` = model, version, op) when the others
+        leave no room now; nothing taken on refusal."""
         if total > self.limit:
             raise PayloadTooLarge(
                 f"{what} holds {mib(total)}, more than all requests in flight may hold together ({mib(self.limit)})",
@@ -127,27 +147,31 @@ class InputPool:
                 code="memory_pool_exceeded",
             )
         if self.held + nbytes > self.limit:
-            raise QueueFull(
+            raise shed(
                 f"{what} needs {mib(nbytes)} more; requests in flight hold {mib(self.held)} of the"
                 f" {mib(self.limit)} they may hold together",
-                field=field,
-                limit=self.limit,
-                headers=retry_after(self.mean_hold_s or 1.0),
+                reason="inflight_memory", field=field, limit=self.limit,
+                retry_after_s=self.mean_hold_s or 1.0, labels=labels,
             )
         self.held += nbytes
+        INFLIGHT_MEMORY.set(self.held)
 
     def give_back(self, nbytes: int, held_s: float) -> None:
         """Return `nbytes` taken with `take` by a request that held them for `held_s` seconds."""
         self.held = max(0, self.held - nbytes)
+        INFLIGHT_MEMORY.set(self.held)
         self.mean_hold_s = held_s if self.mean_hold_s is None else 0.8 * self.mean_hold_s + 0.2 * held_s
 
 
 class InputReservation:
-    """One request's share of an `InputPool`: raised by `hold`, given back whole by `release`."""
+    """One request's share of an `InputPool`: raised by `hold` (inputs) and `hold_answer`, given back whole
+    by `release`. `labels` (model, version, op) go to `aeserve_rejections_total` with its 429s."""
 
-    def __init__(self, pool: InputPool) -> None:
+    def __init__(self, pool: InputPool, labels: tuple[str, str, str] = ("", "", "")) -> None:
         self.pool = pool
+        self.labels = labels
         self.held = 0
+        self.answer = 0  # the part of `held` that is the answer's
         self._since = 0.0
 
     def hold(self, total: int, *, field: str, what: str) -> None:
@@ -155,13 +179,23 @@ class InputReservation:
         `InputPool.take`, holding what it held before."""
         if total <= self.held:
             return
-        self.pool.take(total - self.held, total, field=field, what=what)
+        self.pool.take(total - self.held, total, field=field, what=what, labels=self.labels)
         if not self.held:
             self._since = time.monotonic()
         self.held = total
+
+    def hold_answer(self, nbytes: int, *, field: str, what: str) -> None:
+        """Hold `nbytes` for the answer on top of the inputs (the larger of repeated calls): 429 when the
+        pool has no room now. Capped at the whole pool, so an answer within the request's own budget
+        (`check_answer`) is never a 413 here."""
+        more = nbytes - self.answer
+        if more <= 0:
+            return
+        self.hold(min(self.held + more, self.pool.limit), field=field, what=what)
+        self.answer = nbytes
 
     def release(self) -> None:
         """Give everything back (idempotent)."""
         if self.held:
             self.pool.give_back(self.held, time.monotonic() - self._since)
-            self.held = 0
+            self.held = self.answer = 0

@@ -69,6 +69,11 @@ INFLIGHT_REQUESTS = Gauge(
     "aeserve_inflight_requests", "Requests holding an admission slot (app.admission.Admission).",
     registry=REGISTRY,
 )
+INFLIGHT_MEMORY = Gauge(
+    "aeserve_inflight_memory_bytes", "Bytes held in the pool of the requests in flight, inputs and answers"
+    " (app.budget.InputPool, max_inflight_memory_bytes).",
+    registry=REGISTRY,
+)
 QUEUED_ITEMS_ALL = Gauge(
     "aeserve_queued_items_all", "Items waiting in every engine queue together (the shared budget).",
     registry=REGISTRY,
