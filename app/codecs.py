@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -62,31 +62,36 @@ def to_unit_float(array: np.ndarray, field: str = "file") -> np.ndarray:
     return out
 
 
-def _pil_frame(image: Image.Image) -> np.ndarray:
-    """One Pillow PNG frame -> (C, H, W) float32 in [0, 1]."""
+def raw_values(array: np.ndarray, field: str = "file") -> np.ndarray:
+    """Detector frames as stored: integers kept (counts), floats as float32 (`to_unit_float`'s checks)."""
+    return array if array.dtype.kind in "iu" else to_unit_float(array, field)
+
+
+def _pil_frame(image: Image.Image, convert: Callable[..., np.ndarray] = to_unit_float) -> np.ndarray:
+    """One Pillow PNG frame -> (C, H, W) float32 in [0, 1] (gray frames through `convert`)."""
     mode = image.mode
     if mode in ("1", "L", "I;16", "I;16B"):  # PNG modes of Pillow >= 10 (16-bit gray is I;16, never I)
         array = np.asarray(image)
         if mode == "1":
             array = array.astype(np.uint8) * 255
-        return to_unit_float(array)[None]
+        return convert(array)[None]
     if mode == "LA":
         image = image.convert("LA")
-        return to_unit_float(np.asarray(image)[..., 0])[None]
+        return convert(np.asarray(image)[..., 0])[None]
     if mode not in ("RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB")
     array = np.asarray(image)[..., :3]
     return np.moveaxis(to_unit_float(array), -1, 0)
 
 
-def _png_frames(data: bytes) -> Iterator[np.ndarray]:
+def _png_frames(data: bytes, field: str, convert: Callable[..., np.ndarray]) -> Iterator[np.ndarray]:
     with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
         for index in range(getattr(image, "n_frames", 1)):
             image.seek(index)
-            yield _pil_frame(image)
+            yield _pil_frame(image, convert)
 
 
-def _tiff_frames(data: bytes, field: str) -> Iterator[np.ndarray]:
+def _tiff_frames(data: bytes, field: str, convert: Callable[..., np.ndarray]) -> Iterator[np.ndarray]:
     """The first series of a plain TIFF (its declared size, read at once), one (C, H, W) frame at a time."""
     with tifffile.TiffFile(io.BytesIO(data), **PLAIN_TIFF) as tif:
         series = tif.series[0]
@@ -94,20 +99,21 @@ def _tiff_frames(data: bytes, field: str) -> Iterator[np.ndarray]:
     # samples (colour channels) become axis -3, every other leading axis a frame
     array = np.moveaxis(array, axes.index("S"), -3) if "S" in axes else array[..., None, :, :]
     for index in np.ndindex(*array.shape[:-3]):
-        yield to_unit_float(array[index], field)
+        yield convert(array[index], field)
 
 
-def _npy_frames(data: bytes, field: str) -> Iterator[np.ndarray]:
+def _npy_frames(data: bytes, field: str, convert: Callable[..., np.ndarray]) -> Iterator[np.ndarray]:
     array = npy_array(data, npy_header(data, field))  # a view of `data`
     array = array[None, None] if array.ndim == 2 else array[:, None] if array.ndim == 3 else array
     for frame in array:
-        yield to_unit_float(frame, field)
+        yield convert(frame, field)
 
 
-def iter_frames(data: bytes, header: ImageHeader, field: str = "file") -> Iterator[np.ndarray]:
-    """Decode an upload whose `header` was read (and sized): float32 (C, H, W) frames, C as stored."""
-    frames = {"npy": _npy_frames, "tiff": _tiff_frames}.get(header.kind)
-    source = frames(data, field) if frames else _png_frames(data)
+def iter_frames(data: bytes, header: ImageHeader, field: str = "file", unit: bool = True) -> Iterator[np.ndarray]:
+    """Decode an upload whose `header` was read (and sized): float32 (C, H, W) frames, C as stored, integers
+    scaled to [0, 1]; with `unit=False` integer frames keep their values and dtype (`raw_values`: counts)."""
+    frames = {"npy": _npy_frames, "tiff": _tiff_frames}.get(header.kind, _png_frames)
+    source = frames(data, field, to_unit_float if unit else raw_values)
     expected = (header.bands, header.height, header.width)
     try:
         for count, frame in enumerate(source, start=1):

@@ -26,12 +26,17 @@ class Settings(BaseSettings):
         "", description="Comma-separated model names to load (empty: every model in the store)"
     )
     strict: bool = Field(False, description="Fail startup when any model fails verification or loading")
-    warmup: bool = Field(True, description="Run every shape bucket x batch size once before reporting ready")
+    warmup: bool = Field(
+        True,
+        description="Run every shape bucket once (batch 1, then larger batches while they are quick) before"
+        " reporting ready; models load and warm concurrently",
+    )
     warmup_max_run_s: float = Field(
-        1.0,
+        0.01,
         ge=0,
-        description="Stop warming larger batches of an op once one warm-up run took longer than this"
-        " (its first-call overhead is then negligible); 0: warm every batch size",
+        description="Stop warming larger batches of an op once one warm-up run took longer than this: a first"
+        " call costs a few ms more than the next on CPU, so only quick batch sizes are worth a run (on CUDA"
+        " these are the fast ones, warmed at every size); 0: warm every batch size",
     )
 
     max_batch_size: int = Field(
@@ -45,7 +50,8 @@ class Settings(BaseSettings):
     )
     idle_start: bool = Field(
         True,
-        description="Start a batch at once when the engine is idle (the next batch collects while one runs);"
+        description="Start a batch at once when the engine is idle and no more requests for the op are being"
+        " read or decoded (those join it, waiting up to max_delay_ms; the next batch collects while one runs);"
         " False: classic dynamic batching, wait for max_batch_size items or max_delay_ms",
     )
     max_queue_items: int = Field(
@@ -58,8 +64,18 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Per-request deadline; past it the answer is 504"
     )
     intra_op_threads: int = Field(
-        1, ge=1, le=256, description="Intra-op threads of each ONNX Runtime session (one per op) and of torch"
-        " (process-wide)"
+        0,
+        ge=0,
+        le=256,
+        description="Intra-op threads of each ONNX Runtime session (one per op) and of torch (process-wide);"
+        " 0: the cores this process may use (CPU affinity and cgroup quota). Engines run one batch at a time,"
+        " so a heavy model's batch uses the whole machine while the next one collects",
+    )
+    cpu_mem_arena: bool = Field(
+        False,
+        description="ONNX Runtime's CPU memory arena: it keeps every session's largest run allocated for good"
+        " (~1 GB for a STEM decode at batch 4); off, each run's buffers go back to the allocator (measured: the"
+        " same speed, but for ~8% more CPU on a batch-4 STEM encode)",
     )
 
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest request body accepted (413)")
@@ -67,6 +83,20 @@ class Settings(BaseSettings):
     max_num_samples: int = Field(64, ge=1, description="Most samples one `sample` request may ask for")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the service's own `app.*` loggers (model loading, providers, failures)"
+    )
+    access_log: bool = Field(
+        False,
+        description="uvicorn's access log, a line per request (off: the app silences it however uvicorn was"
+        " started; formatting and writing it took ~2% of the service's CPU on light requests; /metrics counts"
+        " every request)",
+    )
+    inline_codec_bytes: int = Field(
+        65_536,
+        ge=0,
+        description="Uploads whose input (upload + decoded model input; latents: 16 x their body) and answers"
+        " whose encoding (PNG: 24 per value, NPY: 1) come to at most this many bytes are decoded and encoded on"
+        " the event loop, where they cost less than a trip through a thread pool (~60 us of CPU, ~0.1 ms of"
+        " latency); larger ones go to the threads (max_concurrent_decodes); 0: always threads",
     )
     max_inflight_requests: int = Field(
         64,
@@ -158,7 +188,7 @@ class Settings(BaseSettings):
     max_inflight_memory_bytes: int = Field(
         512 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Input bytes all requests in flight may hold together: a request holds its body (its"
+        description="Bytes all requests in flight may hold together, inputs and answers: a request holds its body (its"
         " Content-Length before reading), then the held part of its max_request_memory_bytes estimate (uploaded"
         " bytes + declared data + float32 model input) from before decoding until its answer is sent, while its"
         " arrays wait in the batcher's queues. No room now: 429 with Retry-After at once (no waiting, like"

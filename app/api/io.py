@@ -4,7 +4,8 @@ Image uploads are sized from their headers against the request's memory budget b
 decoded, then decoded in a small pool of threads (`max_concurrent_decodes`); answers are sized in the
 format asked for before they are encoded (`app.budget`). Inside `input_memory` (the route's whole
 request) the readers hold the request's input bytes in the app's pool (`max_inflight_memory_bytes`):
-the body's Content-Length before reading it, then the headers' estimate before decoding.
+the body's Content-Length before reading it, then the headers' estimate before decoding; the writers
+hold the answer's estimate on top before encoding it (429 when the pool has no room).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import codecs, preprocess
-from app.budget import InputReservation, MemoryBudget, check_answer, decode_limiter, input_pool
+from app.api.deps import ROUTE_OPS
+from app.budget import (
+    InputReservation,
+    MemoryBudget,
+    answers_held_by,
+    check_answer,
+    decode_limiter,
+    hold_answer,
+    input_pool,
+)
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.image_headers import ImageHeader, read_header
 from app.schemas.manifest import OpSpec, Preprocessing
@@ -36,24 +46,42 @@ LATENT_MEDIA_TYPES = ("application/json", "application/x-npy", "application/octe
 
 
 RESERVATION_KEY = "aeserve_input_reservation"  # request.state attribute of the open `input_memory`
+# Latent bodies count this many times their size against `inline_codec_bytes`: parsed JSON takes ~40 bytes
+# per number written in ~10-20 (measured: 32 numbers 23 us, 2048 numbers 0.8 ms; a thread trip ~60-160 us).
+INLINE_LATENT_COST = 16
+# Answers count values x this against it: a PNG encodes ~20k values per ms, an NPY copies ~2M (measured).
+INLINE_ANSWER_COST = {"png": 24, "npy": 1}
 
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def rejection_labels(request: Request) -> tuple[str, str, str]:
+    """(model, version, op) of a v1 request, from its path and the registry, for `aeserve_rejections_total`."""
+    name = str(request.path_params.get("name", ""))
+    registry = getattr(request.app.state, "models", None)
+    record = registry.get(name) if registry is not None and name else None
+    op = str(request.scope.get("path", "")).rsplit("/", 1)[-1]
+    return name, record.label_version if record is not None else "", op if op in ROUTE_OPS else ""
+
+
 @asynccontextmanager
 async def input_memory(request: Request, settings: Settings) -> AsyncIterator[InputReservation]:
-    """Hold the request's input bytes in the app's pool until the block exits, however it exits.
+    """Hold the request's input bytes, then its answer's, in the app's pool until the block exits, however
+    it exits.
 
-    The route wraps the whole request in it: the readers raise the hold as the size becomes known, and
-    the decoded arrays wait in the batcher's queues long after the read has returned.
+    The route wraps the whole request in it: the readers raise the hold as the size becomes known (the
+    decoded arrays wait in the batcher's queues long after the read has returned), and the writers raise
+    it by the answer's estimate before encoding (`app.budget.hold_answer`, through the request's context).
     """
-    reservation = InputReservation(input_pool(request.app.state, settings))
+    reservation = InputReservation(input_pool(request.app.state, settings), rejection_labels(request))
     setattr(request.state, RESERVATION_KEY, reservation)
+    answers_held_by(reservation)
     try:
         yield reservation
     finally:
+        answers_held_by(None)
         reservation.release()
 
 
@@ -153,7 +181,8 @@ class PartPlan:
 
 
 def plan_parts(
-    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings
+    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings,
+    raw: preprocess.RawDetector | None = None,
 ) -> list[PartPlan]:
     """Every part's header, the request's frames (a running total) and the model's sizes: nothing decoded."""
     channels = preprocess.model_channels(preprocessing, input_shape)
@@ -167,9 +196,12 @@ def plan_parts(
     for field, data in blobs:
         header = read_header(data, field, settings.max_frames, frames_before=frames)
         frames += header.frames
-        preprocess.check_channels(header.bands, channels, field)
         have = (header.height, header.width)
-        size = preprocess.model_input_size(have, preprocessing, input_shape, field=field, **limits)
+        if raw is not None:  # raw detector frames (4D-STEM): rebinned onto the model's pattern grid
+            size = raw.model_size(have, header.bands, field)
+        else:
+            preprocess.check_channels(header.bands, channels, field)
+            size = preprocess.model_input_size(have, preprocessing, input_shape, field=field, **limits)
         plans.append(PartPlan(field, data, header, size))
     sizes = {p.size for p in plans}
     if len(sizes) > 1:
@@ -204,6 +236,7 @@ class UploadPlan:
     channels: int
     shape: tuple[int, int, int, int]
     held_bytes: int  # what the budget keeps charged: uploaded bytes + declared data + model input
+    raw: preprocess.RawDetector | None = None  # raw detector frames, prepared by `RawDetector.prepare`
 
     @property
     def field(self) -> str:
@@ -211,14 +244,15 @@ class UploadPlan:
 
 
 def plan_upload(
-    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings
+    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings,
+    raw: preprocess.RawDetector | None = None,
 ) -> UploadPlan:
     """Size every blob from its header within the request's budget (413 past it): nothing decoded."""
-    parts = plan_parts(blobs, preprocessing, input_shape, settings)
+    parts = plan_parts(blobs, preprocessing, input_shape, settings, raw)
     channels = preprocess.model_channels(preprocessing, input_shape)
     budget = MemoryBudget(settings.max_request_memory_bytes)
     shape = charge_plan(parts, channels, budget)
-    return UploadPlan(parts, channels, shape, budget.used)
+    return UploadPlan(parts, channels, shape, budget.used, raw)
 
 
 def decode_and_prepare(
@@ -235,8 +269,8 @@ def decode_upload(plan: UploadPlan) -> np.ndarray:
     index = 0
     for p in plan.parts:
         start = index
-        for frame in codecs.iter_frames(p.data, p.header, p.field):
-            out[index] = preprocess.prepare_frame(frame, plan.channels, p.size)
+        for frame in codecs.iter_frames(p.data, p.header, p.field, plan.raw is None):
+            out[index] = preprocess.prepare_frame(frame, plan.channels, p.size, plan.raw, p.field)
             index += 1
         if index - start != p.header.frames:
             raise InvalidInput(
@@ -252,11 +286,18 @@ async def read_images(
 ) -> np.ndarray:
     """Model input (N, C, H, W) for `op` from any supported upload, held for the request from its headers'
     estimate before it is decoded (sized and decoded in a bounded pool of threads)."""
+    # 4D-STEM models take raw detector frames (their query parameters are read only for them)
+    raw = preprocess.raw_detector(preprocessing, request.query_params) if preprocessing.intensity else None
     blobs = await read_image_blobs(request, settings)
     limiter = decode_limiter(request.app.state, settings)
     shape = op.inputs[0].shape
-    plan = await anyio.to_thread.run_sync(plan_upload, blobs, preprocessing, shape, settings, limiter=limiter)
+    if sum(len(data) for _, data in blobs) <= settings.inline_codec_bytes:  # headers of a small upload
+        plan = plan_upload(blobs, preprocessing, shape, settings, raw)
+    else:
+        plan = await anyio.to_thread.run_sync(plan_upload, blobs, preprocessing, shape, settings, raw, limiter=limiter)
     hold_input(request, plan.held_bytes, field=plan.field, what=f"the model input {list(plan.shape)} and its upload")
+    if plan.held_bytes <= settings.inline_codec_bytes:  # cheaper here than a trip through a thread
+        return decode_upload(plan)
     return await anyio.to_thread.run_sync(decode_upload, plan, limiter=limiter)
 
 
@@ -279,6 +320,8 @@ async def read_latents(request: Request, settings: Settings, dim: int) -> np.nda
     body = await read_held_body(request, settings)
     latents = 4 * settings.max_frames * dim  # the float32 array at most (decoding refuses more rows)
     hold_input(request, len(body) + latents, field="latents", what="the latents and their body")
+    if len(body) * INLINE_LATENT_COST <= settings.inline_codec_bytes:  # cheaper here than a trip to a thread
+        return decode_latents(body, kind, dim, settings)
     return await anyio.to_thread.run_sync(
         decode_latents, body, kind, dim, settings, limiter=decode_limiter(request.app.state, settings)
     )
@@ -305,24 +348,39 @@ async def image_response(
     *,
     bit_depth: int = 8,
     headers: dict[str, str] | None = None,
+    inline_bytes: int = 0,
 ) -> Response:
-    """Model images (N, C, H, W) as PNG (one image or a grid), NPY (raw values) or JSON."""
+    """Model images (N, C, H, W) as PNG (one image or a grid), NPY (raw values) or JSON; PNG and NPY answers
+    that cost at most `inline_bytes` (`INLINE_ANSWER_COST`) are encoded on the event loop."""
     if bit_depth not in (8, 16) or (bit_depth == 16 and fmt == "png" and images.shape[1] != 1):
         allowed = [8, 16] if images.shape[1] == 1 else [8]
         raise InvalidInput(
             f"bit_depth={bit_depth} for {images.shape[1]}-channel images", field="bit_depth", limit=allowed
         )
     check_answer(images.size, fmt, ("png", "npy", "json"))
+    hold_answer(images.size, fmt)
     headers = {**(headers or {}), "X-Output-Range": f"{output_range[0]},{output_range[1]}"}
+    inline = images.size * INLINE_ANSWER_COST.get(fmt, 0) <= inline_bytes  # cheaper here than in a thread
     if fmt == "png":
+        if inline:
+            return _png_response(images, output_range, bit_depth, headers)
         return await run_in_threadpool(_png_response, images, output_range, bit_depth, headers)
     if fmt == "npy":
-        data = await run_in_threadpool(codecs.encode_npy, images.astype(np.float32))
+        if inline:
+            data = codecs.encode_npy(images.astype(np.float32, copy=False))
+        else:
+            data = await run_in_threadpool(codecs.encode_npy, images.astype(np.float32, copy=False))
         return Response(data, media_type=codecs.NPY_MEDIA_TYPE, headers=headers)
     body = {"images": images, "shape": list(images.shape), "output_range": list(output_range)}
-    return Response(
-        await run_in_threadpool(json_bytes, body), media_type=codecs.JSON_MEDIA_TYPE, headers=headers
-    )
+    return Response(await json_answer(body), media_type=codecs.JSON_MEDIA_TYPE, headers=headers)
+
+
+async def json_answer(body: dict[str, Any]) -> bytes:
+    """`json_bytes` in a threadpool, its arrays checked and held in the request's pool share first."""
+    values = sum(v.size for v in body.values() if isinstance(v, np.ndarray))
+    check_answer(values, "json", ("json",))
+    hold_answer(values, "json")
+    return await run_in_threadpool(json_bytes, body)
 
 
 def json_bytes(body: dict[str, Any]) -> bytes:
@@ -334,6 +392,7 @@ def json_bytes(body: dict[str, Any]) -> bytes:
 
 async def latents_response(latents: np.ndarray, fmt: str) -> Response:
     check_answer(latents.size, fmt, ("json", "npy"))
+    hold_answer(latents.size, fmt)
     if fmt == "npy":
         return Response(codecs.encode_npy(latents.astype(np.float32)), media_type=codecs.NPY_MEDIA_TYPE)
     return JSONResponse(codecs.encode_latents_json(latents))

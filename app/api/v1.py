@@ -7,6 +7,7 @@ what they decode) -> submit (the spec's run) -> encode (by output kind, in the n
 # options dependency of each spec is a local of `endpoint_for`, which a string annotation cannot name.
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Annotated
 
 import numpy as np
@@ -16,9 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 from app import codecs
 from app.api.capabilities import CAPABILITIES
 from app.api.deps import (
-    ReadyRecordDep,
-    SettingsDep,
     admission_slot,
+    get_ready_record,
+    get_record,
+    get_registry,
     request_deadline_of,
     require_capability,
     track,
@@ -28,7 +30,7 @@ from app.api.edge import until_disconnected
 from app.api.io import (
     image_response,
     input_memory,
-    json_bytes,
+    json_answer,
     latents_response,
     read_body,
     read_images,
@@ -61,26 +63,28 @@ AttentionFormatQuery = Annotated[str | None, Query(description="json | png (sali
 SaliencyQuery = Annotated[bool, Query(description="compute the saliency heatmap (needs torch)")]
 
 
-def latent_options(format: LatentFormatQuery = None) -> RequestOptions:
+async def latent_options(format: LatentFormatQuery = None) -> RequestOptions:
     return RequestOptions(format=format)
 
 
-def image_options(format: FormatQuery = None, bit_depth: BitDepthQuery = 8) -> RequestOptions:
+async def image_options(format: FormatQuery = None, bit_depth: BitDepthQuery = 8) -> RequestOptions:
     return RequestOptions(format=format, bit_depth=bit_depth)
 
 
-def attention_options(format: AttentionFormatQuery = None, saliency: SaliencyQuery = True) -> RequestOptions:
+async def attention_options(format: AttentionFormatQuery = None, saliency: SaliencyQuery = True) -> RequestOptions:
     return RequestOptions(format=format, saliency=saliency)
 
 
-def sample_options(
+async def sample_options(
     body: SampleRequest | None = None, format: FormatQuery = None, bit_depth: BitDepthQuery = 8
 ) -> RequestOptions:
     return RequestOptions(format=format, bit_depth=bit_depth, sample=body or SampleRequest())
 
 
-def options_for(spec: CapabilitySpec) -> Callable[..., RequestOptions]:
-    """The dependency that reads a spec's query parameters (and, for samples, the JSON body)."""
+def options_for(spec: CapabilitySpec) -> Callable[..., Awaitable[RequestOptions]]:
+    """The dependency that reads a spec's query parameters (and, for samples, the JSON body); `async`, as are
+    the route's other dependencies: FastAPI runs a plain `def` dependency in a thread pool, a thread trip
+    per dependency per request."""
     if spec.input == "sample-request":
         return sample_options
     return {"latents": latent_options, "images": image_options, "attention": attention_options}[spec.output]
@@ -117,15 +121,20 @@ READERS: dict[InputKind, Reader] = {
 
 
 # ------------------------------------------------------------------------------ encode: outcome -> response
-async def latent_answer(outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions) -> Response:
+async def latent_answer(
+    outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions, settings: Settings
+) -> Response:
     latents = outcome.array
     return await latents_response(latents.reshape(latents.shape[0], -1), fmt)
 
 
-async def image_answer(outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions) -> Response:
+async def image_answer(
+    outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions, settings: Settings
+) -> Response:
     output_range = record.manifest.preprocessing.output_range
     return await image_response(
-        outcome.array, output_range, fmt, bit_depth=options.bit_depth, headers=outcome.headers
+        outcome.array, output_range, fmt, bit_depth=options.bit_depth, headers=outcome.headers,
+        inline_bytes=settings.inline_codec_bytes,
     )
 
 
@@ -133,7 +142,9 @@ def overlay_png(images: np.ndarray, saliency: np.ndarray) -> tuple[bytes, int, i
     return codecs.encode_png_grid(codecs.heat_overlay(images, saliency))
 
 
-async def attention_answer(outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions) -> Response:
+async def attention_answer(
+    outcome: Outcome, record: ModelRecord, fmt: str, options: RequestOptions, settings: Settings
+) -> Response:
     """JSON (attention matrix, saliency, methods) or the saliency overlaid on the input as a PNG grid."""
     headers = dict(outcome.headers)
     if fmt == "png":
@@ -149,11 +160,11 @@ async def attention_answer(outcome: Outcome, record: ModelRecord, fmt: str, opti
         "saliency_shape": None if heat is None else list(heat.shape),
         "methods": outcome.methods,
     }
-    data = await run_in_threadpool(json_bytes, body)
+    data = await json_answer(body)  # held in the pool first
     return Response(data, media_type=codecs.JSON_MEDIA_TYPE, headers=headers)
 
 
-Writer = Callable[[Outcome, ModelRecord, str, RequestOptions], Awaitable[Response]]
+Writer = Callable[[Outcome, ModelRecord, str, RequestOptions, Settings], Awaitable[Response]]
 WRITERS: dict[OutputKind, Writer] = {"latents": latent_answer, "images": image_answer, "attention": attention_answer}
 
 
@@ -179,6 +190,13 @@ def check_bit_depth(spec: CapabilitySpec, record: ModelRecord, options: RequestO
         raise InvalidInput(f"bit_depth={options.bit_depth}{images}", field="bit_depth", limit=allowed)
 
 
+def expecting(record: ModelRecord, op: str | None) -> AbstractContextManager[None]:
+    """The engine's count of requests for `op` being read and decoded (nothing for the sampler)."""
+    if op is None or record.engine is None:
+        return nullcontext()
+    return record.engine.expecting(op)
+
+
 async def serve(
     spec: CapabilitySpec, request: Request, record: ModelRecord, settings: Settings, options: RequestOptions
 ) -> Response:
@@ -200,22 +218,29 @@ async def serve(
             spec.check(record, settings, options, fmt)
         deadline = request_deadline_of(request, settings)
         op = record.op(spec.op) if spec.op is not None else None
-        inputs = await READERS[spec.input_kind(op)](request, record, op, settings)
+        with expecting(record, spec.op):  # an idle engine lets this request join its next batch
+            inputs = await READERS[spec.input_kind(op)](request, record, op, settings)
         outcome = await until_disconnected(request, spec.run(Job(record, spec.op, inputs, options, deadline)))
-        return await WRITERS[spec.output](outcome, record, fmt, options)
+        return await WRITERS[spec.output](outcome, record, fmt, options, settings)
+
+
+async def ready_record(name: str, request: Request) -> ModelRecord:
+    """`app.api.deps.get_ready_record` of the path's model, on the event loop (see `options_for`); resolved
+    before the options, so an unknown or unready model is refused before its query is validated."""
+    return get_ready_record(get_record(name, get_registry(request)), request)
 
 
 def endpoint_for(spec: CapabilitySpec) -> Callable[..., Awaitable[Response]]:
-    """The route function of one spec: its own options dependency, the shared handler."""
+    """The route function of one spec: its own options dependency, the shared handler (the settings come
+    from the app's state: every dependency costs FastAPI a resolution per request)."""
     options_dependency = options_for(spec)
 
     async def endpoint(
         request: Request,
-        record: ReadyRecordDep,
-        settings: SettingsDep,
+        record: Annotated[ModelRecord, Depends(ready_record)],
         options: Annotated[RequestOptions, Depends(options_dependency)],
     ) -> Response:
-        return await serve(spec, request, record, settings, options)
+        return await serve(spec, request, record, request.app.state.settings, options)
 
     return endpoint
 

@@ -42,6 +42,33 @@ class TensorSpec(_Strict):
     description: str = ""
 
 
+class IntensityScaling(_Strict):
+    """Raw detector intensities -> model input in [0, 1] (4D-STEM): one global log scaling,
+    v = min(log1p(max(I, floor) / eps) / log1p(i_max / eps), 1) with eps = i_max / dynamic_range, where I is
+    a pixel's intensity as a fraction of the incident probe (a frame catching the whole beam sums to 1)."""
+
+    kind: Literal["log_global"] = "log_global"
+    i_max: float = Field(gt=0)                          # intensity mapped to 1 (the training data's maximum)
+    dynamic_range: float = Field(gt=1)                  # i_max / eps: decades below i_max that stay visible
+    floor: float = Field(0.0, ge=0)                     # intensities below it (noise, dark offsets) count as it
+
+
+class PatternGeometry(_Strict):
+    """The diffraction patterns the model was trained on: `size` (H, W) pixels of `angular_sampling_mrad`
+    (ky, kx) each, the zero scattering angle at pixel (H // 2, W // 2). Raw frames of another size or
+    sampling are rebinned onto this grid (each model pixel gets the counts its angular footprint covers)."""
+
+    size: tuple[int, int]
+    angular_sampling_mrad: tuple[float, float]
+    max_sampling_ratio: float = Field(4.0, ge=1)        # coarsest accepted detector sampling, in model pixels
+
+    @model_validator(mode="after")
+    def _positive(self) -> PatternGeometry:
+        if min(self.size) < 1 or min(self.angular_sampling_mrad) <= 0:
+            raise ValueError("pattern size and angular sampling must be positive")
+        return self
+
+
 class Preprocessing(_Strict):
     """How the service turns client images into model input, and model output back into images."""
 
@@ -56,6 +83,17 @@ class Preprocessing(_Strict):
     max_pixels: int | None = Field(None, ge=1)
     scale: Literal["unit"] = "unit"                     # integer images are divided by their dtype max -> [0, 1]
     output_range: tuple[float, float] = (0.0, 1.0)      # range of image outputs (tanh decoders: (-1, 1))
+    # raw detector frames (4D-STEM): with `intensity`, uploads are intensities or counts, not [0, 1] images;
+    # the service rebins them onto `pattern` and applies the scaling (`app.preprocess.RawDetector`)
+    intensity: IntensityScaling | None = None
+    pattern: PatternGeometry | None = None
+
+    @model_validator(mode="after")
+    def _raw_detector(self) -> Preprocessing:
+        pattern = self.pattern
+        if self.intensity is not None and (pattern is None or self.channels != 1 or self.input_size != pattern.size):
+            raise ValueError("intensity scaling needs one channel and a pattern geometry of the input size")
+        return self
 
 
 class OpSpec(_Strict):

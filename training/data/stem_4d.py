@@ -14,9 +14,11 @@ pixel) and log-scaled with one global scale for the whole file:
     stored = round(v * quant_max)  as uint16   (quant_max = 4095: 12-bit, compresses far better
                                                  than 16-bit and is ~80 dB below any model error)
 
-`Stem4DDataset` returns stored / quant_max. The npz holds `patterns` (n_configs, scan_y, scan_x,
-64, 64) uint16, `scan_shape`, `thickness_A`, `defocus_A` per configuration and `metadata` (a JSON
-string with every simulation parameter, the normalisation and the software versions).
+`Stem4DDataset` returns stored / quant_max (`log_scale` is v; `raw_preprocessing` hands I_max, the dynamic
+range and the pixel grid to the manifest, so the service scales raw detector frames alike). The npz holds
+`patterns` (n_configs, scan_y, scan_x, 64, 64) uint16, `scan_shape`, `thickness_A`, `defocus_A` per
+configuration and `metadata` (a JSON string with every simulation parameter, the normalisation and the
+software versions).
 
 Train/val split: the scan grid is cut into `block` x `block` tiles of positions; tile (by, bx) is
 validation when (by + 2 * bx) % 5 == 0 (about one tile in five, spread over the grid), for every
@@ -125,6 +127,13 @@ def build_srtio3(params: SimulationParams, cells_z: int | None = None) -> Any:
     return atoms
 
 
+def log_scale(intensity: np.ndarray, dynamic_range: float, i_max: float) -> np.ndarray:
+    """The global log scaling to [0, 1]: v = min(log1p(I/eps)/log1p(I_max/eps), 1), eps = I_max/dynamic_range,
+    negative intensities as 0 (the model input; the service applies it as `Preprocessing.intensity`)."""
+    eps = i_max / dynamic_range
+    return np.minimum(np.log1p(np.clip(intensity, 0, None) / eps) / math.log1p(i_max / eps), 1.0)
+
+
 def log_quantise(intensity: np.ndarray, dynamic_range: float, quant_max: int,
                  i_max: float | None = None) -> tuple[np.ndarray, float]:
     """Global log scaling to [0, 1] and rounding to 0..quant_max (uint16). Returns (stored, I_max).
@@ -132,9 +141,31 @@ def log_quantise(intensity: np.ndarray, dynamic_range: float, quant_max: int,
     i_max = float(intensity.max()) if i_max is None else float(i_max)
     if i_max <= 0:
         raise ValueError("all simulated intensities are zero")
-    eps = i_max / dynamic_range
-    v = np.minimum(np.log1p(np.clip(intensity, 0, None) / eps) / math.log1p(i_max / eps), 1.0)
-    return np.round(v * quant_max).astype(np.uint16), i_max
+    return np.round(log_scale(intensity, dynamic_range, i_max) * quant_max).astype(np.uint16), i_max
+
+
+def stored_intensities(stored: np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
+    """Stored patterns back to intensities (float64, fraction of the incident probe): the file's log scaling
+    inverted, I = eps * expm1(v * log1p(I_max/eps)); 12-bit storage keeps I within 0.2 % above eps."""
+    i_max = float(metadata["intensity_max"])
+    eps = i_max / float(metadata["params"]["dynamic_range"])
+    values = stored.astype(np.float64) / float(metadata["params"]["quant_max"])
+    return eps * np.expm1(values * math.log1p(i_max / eps))
+
+
+def raw_preprocessing(path: str | Path = ASSET_PATH) -> dict[str, Any]:
+    """The `Preprocessing` fields that let the service take raw detector frames like this file's patterns:
+    its log scaling (`intensity`) and pattern grid (`pattern`: size, (ky, kx) mrad per pixel, zero angle at
+    pixel size // 2). Only the small `metadata` member of the npz is read."""
+    with np.load(path, allow_pickle=False) as data:
+        metadata = json.loads(str(data["metadata"]))
+    # abTEM's (x, y) order; x is kx (see `_simulate_defocus`)
+    (kx, ky), (extent_x, extent_y) = metadata["angular_sampling_mrad"], metadata["pattern_extent_mrad"]
+    return {
+        "intensity": {"kind": "log_global", "i_max": float(metadata["intensity_max"]),
+                      "dynamic_range": float(metadata["params"]["dynamic_range"]), "floor": 0.0},
+        "pattern": {"size": [round(extent_y / ky), round(extent_x / kx)], "angular_sampling_mrad": [ky, kx]},
+    }
 
 
 def _central_crop(array: np.ndarray, angular_coords: Sequence[np.ndarray]) -> np.ndarray:

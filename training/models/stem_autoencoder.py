@@ -317,13 +317,22 @@ class StemAutoencoder(nn.Module):
         return ["encode", "decode", "reconstruct"]
 
     def preprocessing(self) -> dict[str, Any]:
-        return {
+        """[0, 1] patterns of `out_shape`; when that is the pattern size of the committed SrTiO3 data the family
+        trains on, also that data's raw-detector normalisation (`intensity`, `pattern`), so the service takes
+        raw detector frames (intensities or counts, any size and angular sampling) as the training data were."""
+        from training.data.stem_4d import ASSET_PATH, raw_preprocessing
+
+        fields: dict[str, Any] = {
             "channels": 1,
             "input_size": list(self.config.out_shape),
             "resize": "bilinear",
             "dynamic_hw": False,
             "output_range": [0.0, 1.0],   # sigmoid, then bilinear resampling (a convex combination)
         }
+        raw = raw_preprocessing(ASSET_PATH) if ASSET_PATH.is_file() else None
+        if raw is not None and tuple(raw["pattern"]["size"]) == self.config.out_shape:
+            fields.update(raw)
+        return fields
 
     def export_ops(self, batch_size: int = 2) -> list[ExportOp]:
         """encode, decode and reconstruct at the configured input size (static H, W).

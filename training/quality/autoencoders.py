@@ -12,6 +12,7 @@ import torch
 
 from training.quality.artifacts import StoreVersion
 from training.quality.baselines import SubspaceBaseline, bicubic_thumbnail, thumbnail_shape
+from training.quality.cross_material import evaluate_cross_material
 from training.quality.evaluation import Evaluation, compare_reconstructions, to_unit
 from training.quality.figures import image_grid
 
@@ -87,7 +88,8 @@ def evaluate_v3(version: StoreVersion, out_dir: Path, per_picture: int = CROPS_P
 
 
 def evaluate_stem(version: StoreVersion, out_dir: Path) -> Evaluation:
-    """Held-out scan positions of the SrTiO3 simulation: model vs PCA and NMF fitted on the training scans."""
+    """Held-out scan positions of the SrTiO3 simulation: model vs PCA and NMF fitted on the training scans;
+    then the same on another material (`training.quality.cross_material`, in `cross_material`)."""
     from training.data.stem_4d import HELDOUT_PATH, Stem4DDataset
 
     heldout = Stem4DDataset("all", HELDOUT_PATH)
@@ -96,11 +98,14 @@ def evaluate_stem(version: StoreVersion, out_dir: Path) -> Evaluation:
     size = version.manifest.preprocessing.input_size
     if tuple(images.shape[-2:]) != tuple(size) or tuple(train.images.shape[-2:]) != tuple(size):
         raise ValueError(f"{version.name} takes {size} patterns; the held-out set has {tuple(images.shape[-2:])}")
-    baselines = {}
+    fitted = {}
     for kind in ("pca", "nmf"):
-        fitted = SubspaceBaseline(kind, latent).fit(train.images.numpy())
-        rebuilt = torch.from_numpy(fitted.reconstruct(images.numpy())).clamp(0.0, 1.0)
-        baselines[f"{kind.upper()}-{fitted.n_components}"] = (rebuilt, fitted.n_components)
+        baseline = SubspaceBaseline(kind, latent).fit(train.images.numpy())
+        fitted[f"{kind.upper()}-{baseline.n_components}"] = baseline
+    baselines = {
+        name: (torch.from_numpy(f.reconstruct(images.numpy())).clamp(0.0, 1.0), f.n_components)
+        for name, f in fitted.items()
+    }
     configs = [
         f"defocus {c['defocus_A']:g} Å, {c['thickness_A']:.1f} Å thick" for c in heldout.metadata["configs"]
     ]
@@ -116,7 +121,11 @@ def evaluate_stem(version: StoreVersion, out_dir: Path) -> Evaluation:
         "baselines_fitted_on": f"Stem4DDataset('train'): {len(train)} training patterns",
     }
     examples = [int(i) for i in np.linspace(0, len(images) - 1, 4)]
-    return compare_reconstructions(version, images, baselines, data, out_dir, examples, sources)
+    evaluation = compare_reconstructions(version, images, baselines, data, out_dir, examples, sources)
+    cross = evaluate_cross_material(version, fitted, evaluation, out_dir)
+    evaluation.extra["cross_material"] = cross
+    evaluation.figures.extend(cross["figures"])
+    return evaluation
 
 
 def evaluate_vae(version: StoreVersion, out_dir: Path) -> Evaluation:

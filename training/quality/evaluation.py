@@ -75,10 +75,11 @@ def compare_reconstructions(
     out_dir: Path,
     examples: list[int],
     sources: list[str],
+    figure_name: str | None = None,
 ) -> Evaluation:
     """The `reconstruct` op on held-out images next to baseline reconstructions ((images, values) each):
     PSNR/SSIM per method, mean PSNR per source (picture, configuration), the goal against the baselines
-    and the `input · model · baselines` figure of the `examples`."""
+    and the `input · model · baselines` figure of the `examples` (`figure_name`, default `<model>.png`)."""
     reconstruction = to_unit(version, version.op("reconstruct")(images.numpy()))
     outputs = {"model": (reconstruction, version.latent_size()), **baselines}
     methods: dict[str, dict[str, Any]] = {}
@@ -88,7 +89,7 @@ def compare_reconstructions(
         methods[name] = {"values": int(values), **summary}
     columns = {"input": images[examples].numpy(), **{k: v[0][examples].numpy() for k, v in outputs.items()}}
     figure = comparison_figure(
-        out_dir / f"{version.name}.png",
+        out_dir / (figure_name or f"{version.name}.png"),
         f"{version.name}: held-out {data['name']} (input · model · equal-size baselines)",
         columns,
         {k: v[examples] for k, v in psnrs.items()},

@@ -112,7 +112,34 @@ def _number(value: Any, digits: int) -> str:
 def _goal_text(goal: dict[str, Any] | None) -> str:
     if not goal:
         return "—"
+    if "drop_db" in goal:  # the cross-material goal (training.quality.cross_material)
+        return (f"{goal['status']} (drop {goal['drop_db']:.2f} dB from {goal['reference_psnr']:.2f}; "
+                f"target < {goal['target_db']:g})")
     return f"{goal['status']} ({goal['margin_db']:+.2f} dB vs {goal['baseline']}; target +{goal['target_db']:g})"
+
+
+def _rows(name: str, record: dict[str, Any]) -> list[str]:
+    """One table row per method of a record (the goal on the model's row), then its cross-material rows."""
+    lines = []
+    data = f"{record['data']['items']} {record['data']['name']}"
+    for method, row in record["methods"].items():
+        other = []
+        if "kl_nats" in row:
+            other.append(f"KL {row['kl_nats']:.2f} nats")
+        if "eps_mse" in row:
+            bands = record.get("eps_mse_by_t", {})
+            other.append("ε-MSE " + ", ".join(f"t∈{k} {v['eps_mse']:.4f}" for k, v in bands.items()))
+        if method in record.get("psnr_drop_db", {}):
+            other.append(f"drop {record['psnr_drop_db'][method]:.2f} dB")
+        lines.append(
+            f"| {name} | {data} | {method} | {row['values'] if row['values'] is not None else '—'} | "
+            f"{_number(row['psnr'], 2)} | {_number(row['ssim'], 3)} | {'; '.join(other) or '—'} | "
+            f"{_goal_text(record['goal']) if method == 'model' else ''} |"
+        )
+        name, data = "", ""
+    if record.get("cross_material"):
+        lines += _rows("", record["cross_material"])
+    return lines
 
 
 def format_table(records: dict[str, dict[str, Any]]) -> str:
@@ -122,18 +149,5 @@ def format_table(records: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, record in records.items():
-        data = f"{record['data']['items']} {record['data']['name']}"
-        for method, row in record["methods"].items():
-            other = []
-            if "kl_nats" in row:
-                other.append(f"KL {row['kl_nats']:.2f} nats")
-            if "eps_mse" in row:
-                bands = record.get("eps_mse_by_t", {})
-                other.append("ε-MSE " + ", ".join(f"t∈{k} {v['eps_mse']:.4f}" for k, v in bands.items()))
-            lines.append(
-                f"| {name} | {data} | {method} | {row['values'] if row['values'] is not None else '—'} | "
-                f"{_number(row['psnr'], 2)} | {_number(row['ssim'], 3)} | {'; '.join(other) or '—'} | "
-                f"{_goal_text(record['goal']) if method == 'model' else ''} |"
-            )
-            name, data = "", ""
+        lines += _rows(name, record)
     return "\n".join(lines)
