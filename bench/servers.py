@@ -196,7 +196,9 @@ def request_for(kind: str, prepared: Prepared) -> tuple[str, bytes, dict[str, st
     if kind == "triton":
         body, headers = infer_request(prepared.body)
         return f"/v2/models/{spec.triton_name}/infer", body, headers
-    return spec.route, prepared.body, {"Content-Type": spec.content_type, "Accept": spec.accept}
+    # every server gets the same already-scaled values: aeserve's raw-detector normalisation (STEM) is off
+    path = spec.route + ("?intensity=scaled" if kind == "aeserve" and prepared.manifest.preprocessing.intensity else "")
+    return path, prepared.body, {"Content-Type": spec.content_type, "Accept": spec.accept}
 
 
 def sample_answer(server: Server, prepared: Prepared) -> bytes:

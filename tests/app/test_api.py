@@ -56,6 +56,7 @@ def test_model_summary(client):
     assert {a["path"] for a in body["artifacts"]} >= {"encode.onnx", "reconstruct.pt2"}
     assert body["artifacts"][0]["parity_max_abs_err"] == {"2x1x16x16": 0.0}
     assert body["training"]["val_psnr"] == 12.5
+    assert body["metrics"]["heldout"]["model"]["psnr"] == 11.0  # the quality report's held-out figures
     assert body["saliency"]["available"] is True
     assert "torch.export" in body["saliency"]["method"]
 

@@ -202,6 +202,7 @@ def build_tiny_ae(root: Path, version: str) -> dict[str, nn.Module]:
         saliency={"op": "reconstruct"},
         sampler={"kind": "prior_gaussian", "latent_dim": LATENT},
         training={"val_psnr": 12.5, "steps": 1},
+        metrics={"heldout": {"model": {"psnr": 11.0}, "bicubic_4x4": {"psnr": 10.0}}},
     )
     return {"encode": encoder, "decode": decoder, "reconstruct": ae, "attention": attention}
 
