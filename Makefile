@@ -19,7 +19,10 @@ help:
 	@echo "               HOST=0.0.0.0 make serve listens on every interface"
 	@echo "make test    - install and run the whole test suite"
 	@echo "make store   - (re)build the default model store"
-	@echo "make bench   - in-process vs served throughput table"
+	@echo "make bench   - engine ceiling, aeserve vs plain FastAPI / LitServe / PyTriton, cold start, RSS: the speed goals"
+	@echo "make quality - held-out quality of every model next to equal-size baselines (writes metrics.heldout)"
+	@echo "make soak    - a long overload run against a real process (SOAK_SECONDS, SOAK_FACTOR, ...)"
+	@echo "make lstm-demo - the droplet LSTM viscosity pipeline against a running service"
 	@echo "make lint    - ruff + hadolint"
 
 $(VENV)/.installed: pyproject.toml
