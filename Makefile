@@ -35,9 +35,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The tests also exercise the (heavy, optional) abTEM simulator that made the committed 4D-STEM data.
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[$(EXTRAS),stem]" "$(TORCH_SPEC)"
+# The tests also exercise the (heavy, optional) abTEM simulator that made the committed 4D-STEM data, and Ray Serve.
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[$(EXTRAS),stem,ray]" "$(TORCH_SPEC)"
 	touch $@
 
 $(STORE)/.built: $(VENV)/.installed

@@ -101,7 +101,7 @@ def _v3_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Datase
         from training.data.droplets import droplet_datasets
 
         return droplet_datasets(model.preprocessing()["input_size"], config)
-    options = _data_options(config, ("samples_per_epoch", "val_samples", "val_images", "crop_size"))
+    options = _data_options(config, ("samples_per_epoch", "val_samples", "val_images", "crop_size", "augment"))
     crop = tuple(options.get("crop_size", model.preprocessing()["input_size"]))
     val_images = tuple(options.get("val_images", DEFAULT_VAL_IMAGES))
     train = SkimageCrops(
@@ -110,6 +110,7 @@ def _v3_datasets(model: nn.Module, config: TrainConfig) -> tuple[Dataset, Datase
         samples_per_epoch=int(options.get("samples_per_epoch", 256)),
         val_images=val_images,
         seed=config.seed,
+        augment=bool(options.get("augment", False)),
     )
     val = SkimageCrops(
         "val",

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from training.data.augment import AugmentRanges, augment_crop, random_scaled_crop
+
+AUGMENT = AugmentRanges()
+
 # Grayscale pictures of the scikit-image distribution (checked to load offline) ...
 GRAY_IMAGES: tuple[str, ...] = (
     "camera",
@@ -141,6 +145,7 @@ class SkimageCrops(Dataset):
         images: tuple[str, ...] | list[str] = ALL_IMAGES,
         seed: int = 0,
         flips: bool = True,
+        augment: bool = False,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; allowed: train, val")
@@ -164,6 +169,7 @@ class SkimageCrops(Dataset):
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.flips = flips and split == "train"
+        self.augment = augment and split == "train"
         self.epoch = 0
         self._sources = [cover(torch.from_numpy(load_image(n))[None], self.crop_size) for n in names]
 
@@ -188,6 +194,9 @@ class SkimageCrops(Dataset):
             if self.split == "val"
             else self._sources[int(torch.randint(len(self._sources), (1,), generator=gen))]
         )
+        if self.augment:
+            crop = random_scaled_crop(source, self.crop_size, gen, AUGMENT.scale)
+            return {"image": augment_crop(crop, gen, AUGMENT).contiguous().float()}
         h, w = self.crop_size
         top = int(torch.randint(source.shape[-2] - h + 1, (1,), generator=gen))
         left = int(torch.randint(source.shape[-1] - w + 1, (1,), generator=gen))
