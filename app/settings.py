@@ -19,8 +19,10 @@ class Settings(BaseSettings):
         "auto",
         description="auto: CUDA when a GPU really works, else CPU; cuda: fail a model that cannot use it",
     )
-    prefer: Literal["onnx", "aoti"] = Field(
-        "onnx", description="Artifact format to run when an op has several"
+    prefer: Literal["manifest", "onnx", "aoti", "torch_export"] = Field(
+        "manifest",
+        description="Artifact format to run when an op has several; manifest: the one the export measured"
+        " fastest (the op's preferred_format), else onnx",
     )
     models: str = Field(
         "", description="Comma-separated model names to load (empty: every model in the store)"

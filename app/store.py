@@ -88,8 +88,10 @@ def scan_store(root: Path) -> list[ModelRecord]:
 
 
 def choose_format(op: OpSpec, prefer: str) -> ArtifactFormat:
-    """The format to serve an op with: the preferred one, then onnx, aoti, torch_export."""
-    for fmt in (prefer, "onnx", "aoti", "torch_export"):
+    """The format to serve an op with: `prefer` ("manifest": the op's measured `preferred_format`), then
+    onnx, aoti, torch_export."""
+    first = op.preferred_format if prefer == "manifest" else prefer
+    for fmt in (first, "onnx", "aoti", "torch_export"):
         if fmt in op.artifacts:
             return fmt  # type: ignore[return-value]
     raise StoreError("op has no artifact")

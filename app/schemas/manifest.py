@@ -104,6 +104,10 @@ class OpSpec(_Strict):
     artifacts: dict[ArtifactFormat, str]
     shape_buckets: list[list[int]] = Field(default_factory=list)  # extra input (H, W) the ONNX was verified at
     max_batch_size: int = 32
+    # The format the export measured fastest for this op on the machine that built it (batch-8 wall time per
+    # format in `format_ms_batch8`); the service runs it unless AESERVE_PREFER names one.
+    preferred_format: ArtifactFormat | None = None
+    format_ms_batch8: dict[ArtifactFormat, float] = Field(default_factory=dict)
 
 
 class ArtifactRecord(_Strict):

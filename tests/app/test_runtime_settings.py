@@ -22,7 +22,7 @@ def test_settings_from_environment(monkeypatch):
     settings = Settings()
     assert settings.store == Path("/srv/store") and settings.max_batch_size == 16
     assert settings.device == "cpu" and settings.warmup is False
-    assert settings.intra_op_threads == 0 and settings.prefer == "onnx" and settings.strict is False  # 0: cores
+    assert settings.intra_op_threads == 0 and settings.prefer == "manifest" and settings.strict is False  # 0: cores
 
 
 def test_settings_refuse_bad_values(monkeypatch):
