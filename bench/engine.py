@@ -71,6 +71,10 @@ class Ceiling:
         rates = [m.items_per_s for m in self.measurements if m.batch == batch and m.format in formats]
         return max(rates) if rates else None
 
+    def fastest_at(self, batch: int, formats: tuple[str, ...]) -> str | None:
+        found = [m for m in self.measurements if m.batch == batch and m.format in formats]
+        return max(found, key=lambda m: m.items_per_s).format if found else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "best": {**asdict(self.best), "label": self.best.label},
@@ -78,6 +82,7 @@ class Ceiling:
             "batch1_ms": self.batch1_ms,
             "eager_b8_items_per_s": self.at_batch(FORMAT_BATCH, ("eager",)),
             "exported_b8_items_per_s": self.at_batch(FORMAT_BATCH, ("onnx", "torch_export", "aoti")),
+            "fastest_b8_format": self.fastest_at(FORMAT_BATCH, ("onnx", "torch_export", "aoti")),
             "measurements": [{**asdict(m), "label": m.label} for m in self.measurements],
             "notes": self.notes,
         }

@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for item in prepared:
         results["engine"][item.workload.name] = found = ceiling(item, args.engine_seconds).to_json()
+        found["manifest_format"] = item.manifest.ops[item.workload.op].preferred_format
         args.ceilings[item.workload.name] = found["items_per_s"]
         progress(
             f"engine {item.workload.name}: {found['items_per_s']:.1f} items/s ({found['best']['label']}), "

@@ -41,6 +41,7 @@ from app.schemas.store_format import (
 )
 from training.checkpoint import fsync_dir
 from training.export import FORMATS, OpExport, export_model
+from training.format_timing import fastest_format, time_formats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the store format lives on the contract side; re-exported for training's callers
@@ -102,7 +103,11 @@ def provenance(command: str | None = None, **extra: Any) -> dict[str, Any]:
 
 
 def _op_spec(result: OpExport, root: Path, max_batch_size: int) -> OpSpec:
+    batch, timings = time_formats(result, max_batch_size)
     return OpSpec(
+        preferred_format=fastest_format(timings),
+        format_ms=timings,
+        format_timing_batch=batch,
         inputs=[TensorSpec(**s) for s in result.inputs],
         outputs=[TensorSpec(**s) for s in result.outputs],
         artifacts={a.format: a.path.relative_to(root).as_posix() for a in result.artifacts},

@@ -104,10 +104,12 @@ class OpSpec(_Strict):
     artifacts: dict[ArtifactFormat, str]
     shape_buckets: list[list[int]] = Field(default_factory=list)  # extra input (H, W) the ONNX was verified at
     max_batch_size: int = 32
-    # The format the export measured fastest for this op on the machine that built it (batch-8 wall time per
-    # format in `format_ms_batch8`); the service runs it unless AESERVE_PREFER names one.
+    # The format the export measured fastest for this op on the machine that built it (median ms per call of
+    # `format_timing_batch` items, per format, in `format_ms`); the service runs it unless AESERVE_PREFER
+    # names one.
     preferred_format: ArtifactFormat | None = None
-    format_ms_batch8: dict[ArtifactFormat, float] = Field(default_factory=dict)
+    format_ms: dict[ArtifactFormat, float] = Field(default_factory=dict)
+    format_timing_batch: int | None = None
 
 
 class ArtifactRecord(_Strict):

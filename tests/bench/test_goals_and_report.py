@@ -26,7 +26,8 @@ def served(rates: tuple[float, ...], p50_at_1: float, p99: float, identical: boo
 def results() -> dict[str, Any]:
     """light: aeserve 700 req/s vs ceiling 1000 and best peer 400 (0.7, 1.75); p99 8 ms vs plain 9 and triton 7."""
     engine = {"items_per_s": 1000.0, "batch1_ms": 1.0, "best": {"label": "onnx 2x1t b8"}, "measurements": [],
-              "eager_b8_items_per_s": 100.0, "exported_b8_items_per_s": 200.0}
+              "eager_b8_items_per_s": 100.0, "exported_b8_items_per_s": 200.0,
+              "fastest_b8_format": "onnx", "manifest_format": "onnx"}
     return {
         "schema": SCHEMA, "created": "2025-01-01T00:00:00+00:00", "machine": {"cores": 2},
         "settings": {"concurrency": [1, 8, 32, 64], "quick": True},
@@ -56,6 +57,10 @@ def test_goals_pass_miss_and_their_figures() -> None:
     assert "(triton)" in goals["p99 at C=8 <= best peer's"].figure
     assert goals["p50 at C=1 - engine batch-1"].status == "PASS"  # 1.5 - 1.0 = 0.5 ms
     assert goals["best exported format / torch eager, batch 8"].value == 2.0
+    assert goals["format served = fastest measured (manifest)"].status == "PASS"
+    doc["engine"]["light"]["manifest_format"] = "aoti"
+    chosen = {g.goal: g for g in evaluate(doc)}["format served = fastest measured (manifest)"]
+    assert chosen.status == "MISS" and chosen.figure == "manifest aoti, bench fastest onnx"
     assert goals["cold start to /readyz 200"].status == "PASS" and goals["peak RSS, default store"].status == "PASS"
     assert goals["answers identical to in-process"].status == "PASS"
 

@@ -134,3 +134,22 @@ def test_overwrite_replaces_atomically(tmp_path) -> None:
     assert first == second and read_manifest(second).training == {"n": 2}
     assert read_manifest(second).config["latent_dim"] == 4
     assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["2"]
+
+
+def test_each_op_records_its_format_timings_and_the_fastest(toy_version) -> None:
+    manifest = Manifest.model_validate(json.loads((toy_version[1] / "manifest.json").read_text()))
+    for name, op in manifest.ops.items():
+        assert set(op.format_ms) == set(op.artifacts), name  # every artifact was timed
+        assert all(ms > 0 for ms in op.format_ms.values()), op.format_ms
+        assert op.format_timing_batch == min(8, op.max_batch_size)
+        assert op.preferred_format in op.artifacts
+
+
+def test_fastest_format_prefers_onnx_unless_torch_is_clearly_faster() -> None:
+    from training.format_timing import fastest_format
+
+    assert fastest_format({"onnx": 10.0, "torch_export": 9.5}) == "onnx"  # within the 10 % margin
+    assert fastest_format({"onnx": 10.0, "aoti": 8.0}) == "aoti"
+    assert fastest_format({"onnx": 5.0, "aoti": 8.0}) == "onnx"
+    assert fastest_format({"torch_export": 3.0}) == "torch_export"
+    assert fastest_format({}) is None
