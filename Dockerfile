@@ -1,62 +1,81 @@
-# aeserve inference service, GPU image.
+# aeserve on the CPU (ONNX Runtime's CPU build). Two images from one file:
 #
-#   docker build -t aeserve:latest .
-#   docker run --gpus all -p 8000:8000 -v "$PWD/model_store:/models:ro" aeserve:latest
+#   docker build -t aeserve:cpu-slim .                    # target `slim` (the default): the service, ONNX only
+#   docker build -t aeserve:cpu-full --target full .      # + torch (CPU) and the train extra
 #
-# The model store is MOUNTED, not baked in: build it on the host (`make store`, which needs the
-# training extras and minutes of compute) and mount it read-only at /models (AESERVE_STORE). The
-# image then stays free of training code, and new model versions ship without a rebuild.
+# slim: every op the store exports as ONNX, no torch in the image. The saliency half of attention-map
+#       needs a torch.export program: without torch it answers 501 (`saliency_unavailable`), and
+#       `?saliency=false` still returns the attention matrix.
+# full: the same service with saliency, plus `python -m training build-store`, which the compose file's
+#       one-shot `store` service runs to build the default store into the `models` volume.
+# The GPU images are Dockerfile.gpu. Nothing is downloaded at run time: the store is a mounted volume
+# (AESERVE_STORE=/models), built from the recipes and committed data copied into the full image.
 #
-# Python stack: the CUDA build of torch (the saliency op runs a torch.export program) plus the
-# `.[gpu,torch]` extras, i.e. onnxruntime-gpu only; the build fails if the CPU `onnxruntime` wheel
-# or a CPU-only torch wheel ends up in the environment. The CUDA/cuDNN libraries come from the
-# nvidia-* wheels torch depends on; they are registered with ldconfig so onnxruntime-gpu finds them
-# too. Pick TORCH_INDEX_URL so torch's CUDA major matches the one onnxruntime-gpu is built for.
+# Pins: ONNX Runtime and torch are the versions the test suite runs; the rest follows pyproject.toml.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS builder
-ARG TORCH_VERSION=2.13.0
-# PyPI's Linux x86_64 torch wheels are CUDA builds; a download.pytorch.org/whl/cuXXX index works too.
-ARG TORCH_INDEX_URL=https://pypi.org/simple
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-WORKDIR /src
-RUN python -m venv /opt/venv \
-    && echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt \
-    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# Dependencies first (cached until pyproject.toml changes): core + the gpu and torch extras.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extras = p['optional-dependencies']; \
-open('/tmp/requirements.txt', 'w').write('\n'.join(p['dependencies'] + extras['gpu'] + extras['torch']))" \
-    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt
-COPY app ./app
-RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import importlib.metadata as md, torch; \
-names = {d.metadata['Name'].lower().replace('_', '-') for d in md.distributions()}; \
-assert torch.version.cuda, 'a CPU-only torch wheel was installed'; \
-assert 'onnxruntime-gpu' in names, 'onnxruntime-gpu missing'; \
-assert 'onnxruntime' not in names, 'the CPU onnxruntime wheel would shadow onnxruntime-gpu'; \
-print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-
-FROM ${PYTHON_IMAGE} AS runtime
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
+FROM ${PYTHON_IMAGE} AS python-base
+ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
     AESERVE_STORE=/models
 RUN useradd --no-log-init --system --uid 10001 --user-group --create-home --home-dir /home/aeserve aeserve
-COPY --from=builder /opt/venv /opt/venv
-# Let onnxruntime-gpu load the CUDA / cuDNN libraries shipped in the nvidia-* wheels.
-RUN find /opt/venv/lib/python3.*/site-packages/nvidia -maxdepth 3 -type d -name lib \
-        > /etc/ld.so.conf.d/zz-nvidia-wheels.conf \
-    && ldconfig
+
+# Dependencies only (cached until pyproject.toml changes): with no package sources copied yet,
+# `pip install ".[extras]"` installs the dependencies and an empty aeserve distribution.
+FROM python-base AS deps-slim
+ARG ONNXRUNTIME_VERSION=1.32.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+RUN python -m venv /opt/venv \
+    && echo "onnxruntime==${ONNXRUNTIME_VERSION}" > /src/constraints.txt \
+    && pip install --no-cache-dir -c /src/constraints.txt ".[cpu]"
+
+FROM deps-slim AS deps-full
+ARG TORCH_VERSION=2.13.0
+# The CPU wheel of torch (PyPI's Linux wheels are CUDA builds, gigabytes of CUDA libraries unused here).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN echo "torch==${TORCH_VERSION}" >> /src/constraints.txt \
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && pip install --no-cache-dir -c /src/constraints.txt ".[cpu,torch,train]"
+
+FROM deps-slim AS build-slim
+COPY app ./app
+RUN pip install --no-cache-dir --no-deps . \
+    && python -c "import importlib.util as u, app.main; \
+assert u.find_spec('torch') is None, 'torch leaked into the slim image'; \
+assert u.find_spec('training') is None, 'the training package leaked into the slim image'"
+
+FROM deps-full AS build-full
+COPY app ./app
+COPY training ./training
+RUN pip install --no-cache-dir --no-deps . \
+    && python -c "import torch, onnxruntime, app.main, training.build_store; \
+assert torch.version.cuda is None, 'a CUDA build of torch in the CPU image'; \
+print('torch', torch.__version__, 'onnxruntime', onnxruntime.__version__)"
+
+# The full image: service with saliency + store builder (`python -m training build-store`).
+FROM python-base AS full
+COPY --from=build-full /opt/venv /opt/venv
+COPY model_store/recipes /opt/aeserve/recipes
+# A named volume mounted here starts with this owner, so the non-root store builder can write to it.
+RUN mkdir /models && chown 10001:10001 /models
 WORKDIR /home/aeserve
 USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]
+
+# The slim image (default target): the service, ONNX only.
+FROM python-base AS slim
+COPY --from=build-slim /opt/venv /opt/venv
+WORKDIR /home/aeserve
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]

@@ -8,7 +8,8 @@ PORT ?= 8000
 # (set AESERVE_API_TOKEN then). The container (Dockerfile, docker-compose.yml) binds 0.0.0.0.
 HOST ?= 127.0.0.1
 STORE ?= model_store
-# The CPU torch wheel (dev, CI); the Docker image installs the CUDA build instead.
+# The CPU torch wheel (dev, CI); the Docker images install the same version (CPU build in Dockerfile, CUDA 13.0
+# build in Dockerfile.gpu; tests/test_images.py keeps them equal).
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,train,dev
 
@@ -57,7 +58,7 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app training tests bench examples
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.gpu
 
 # Engine ceiling, aeserve (cold start, RSS, C=1/8/32/64) and its peers, the goals of issue 8; <= 15 min on 2 cores.
 # Peers: plain FastAPI; LitServe (the bench extra); PyTriton (its own venv, bench/.venv-triton, built once).
