@@ -5,28 +5,31 @@ decoded, then decoded in a small pool of threads (`max_concurrent_decodes`); ans
 format asked for before they are encoded (`app.budget`). Inside `input_memory` (the route's whole
 request) the readers hold the request's input bytes in the app's pool (`max_inflight_memory_bytes`):
 the body's Content-Length before reading it, then the headers' estimate before decoding; the writers
-hold the answer's estimate on top before encoding it (429 when the pool has no room).
+hold the answer's estimate on top before encoding it (429 when the pool has no room). Sizing and decoding
+an upload from its headers is `app.api.uploads`. Latent answers honour `?dtype=float32|float16`; every
+answer whose media type the request negotiated carries `Vary: Accept`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
 import numpy as np
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData, QueryParams, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import codecs, preprocess
 from app.api.deps import ROUTE_OPS
+from app.api.negotiation import vary_on_accept
+from app.api.uploads import decode_and_prepare as decode_and_prepare  # moved there; callers still find it here
+from app.api.uploads import decode_upload, plan_upload
 from app.budget import (
     InputReservation,
     MemoryBudget,
@@ -37,7 +40,6 @@ from app.budget import (
     input_pool,
 )
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from app.image_headers import ImageHeader, read_header
 from app.schemas.manifest import OpSpec, Preprocessing
 from app.settings import Settings
 
@@ -51,6 +53,9 @@ RESERVATION_KEY = "aeserve_input_reservation"  # request.state attribute of the 
 INLINE_LATENT_COST = 16
 # Answers count values x this against it: a PNG encodes ~20k values per ms, an NPY copies ~2M (measured).
 INLINE_ANSWER_COST = {"png": 24, "npy": 1}
+# `?dtype=` of latent answers (NPY and JSON): the values are rounded to it; float32 when the query names none
+LATENT_DTYPES = {"float32": np.float32, "float16": np.float16}
+_latent_dtype: ContextVar[str] = ContextVar("aeserve_latent_dtype", default="float32")
 
 
 def media_type(request: Request) -> str:
@@ -75,6 +80,7 @@ async def input_memory(request: Request, settings: Settings) -> AsyncIterator[In
     decoded arrays wait in the batcher's queues long after the read has returned), and the writers raise
     it by the answer's estimate before encoding (`app.budget.hold_answer`, through the request's context).
     """
+    dtype = _latent_dtype.set(latent_dtype_of(request))  # 422 before anything is read or held
     reservation = InputReservation(input_pool(request.app.state, settings), rejection_labels(request))
     setattr(request.state, RESERVATION_KEY, reservation)
     answers_held_by(reservation)
@@ -83,6 +89,22 @@ async def input_memory(request: Request, settings: Settings) -> AsyncIterator[In
     finally:
         answers_held_by(None)
         reservation.release()
+        _latent_dtype.reset(dtype)
+
+
+def latent_dtype_of(request: Request) -> str:
+    """The request's `?dtype=` for latent answers ("float32" when absent); 422 naming the allowed values."""
+    value = QueryParams(request.scope.get("query_string", b"")).get("dtype")
+    return check_latent_dtype(value)
+
+
+def check_latent_dtype(value: str | None) -> str:
+    """`value` if it names a latent dtype (None: float32); else 422 naming `dtype` and the allowed values."""
+    if value is None:
+        return "float32"
+    if value not in LATENT_DTYPES:
+        raise InvalidInput(f"dtype={value!r} is not offered for latents", field="dtype", limit=list(LATENT_DTYPES))
+    return value
 
 
 def hold_input(request: Request, total: int, *, field: str, what: str) -> None:
@@ -170,117 +192,6 @@ async def read_image_blobs(request: Request, settings: Settings) -> list[tuple[s
     return blobs
 
 
-@dataclass(frozen=True)
-class PartPlan:
-    """One uploaded image as its header declares it, and the size the model will get it at."""
-
-    field: str
-    data: bytes
-    header: ImageHeader
-    size: tuple[int, int]
-
-
-def plan_parts(
-    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings,
-    raw: preprocess.RawDetector | None = None,
-) -> list[PartPlan]:
-    """Every part's header, the request's frames (a running total) and the model's sizes: nothing decoded."""
-    channels = preprocess.model_channels(preprocessing, input_shape)
-    side = settings.max_dynamic_side
-    limits = {
-        "max_hw": preprocessing.max_hw or (side, side),
-        "max_pixels": preprocessing.max_pixels or settings.max_dynamic_pixels,
-    }
-    plans: list[PartPlan] = []
-    frames = 0
-    for field, data in blobs:
-        header = read_header(data, field, settings.max_frames, frames_before=frames)
-        frames += header.frames
-        have = (header.height, header.width)
-        if raw is not None:  # raw detector frames (4D-STEM): rebinned onto the model's pattern grid
-            size = raw.model_size(have, header.bands, field)
-        else:
-            preprocess.check_channels(header.bands, channels, field)
-            size = preprocess.model_input_size(have, preprocessing, input_shape, field=field, **limits)
-        plans.append(PartPlan(field, data, header, size))
-    sizes = {p.size for p in plans}
-    if len(sizes) > 1:
-        raise InvalidInput(
-            "images of one request must share a size after preprocessing",
-            field="files",
-            limit=[[channels, *s] for s in sorted(sizes)],
-        )
-    return plans
-
-
-def charge_plan(plans: list[PartPlan], channels: int, budget: MemoryBudget) -> tuple[int, int, int, int]:
-    """Charge the uploaded bytes, the model input and each part's declared data (a running total over
-    parts and frames), with each part's decoding checked on top: the model input's shape, or 413 naming
-    the part that would pass the budget."""
-    field = plans[0].field if len(plans) == 1 else "files"
-    budget.charge(sum(len(p.data) for p in plans), field=field, what="the uploaded images")
-    shape = (sum(p.header.frames for p in plans), channels, *plans[0].size)
-    budget.charge(4 * math.prod(shape), field=field, what=f"the model input {list(shape)} float32")
-    for p in plans:
-        budget.charge(p.header.data_bytes, field=p.field, what=f"the data of {p.header.describe}")
-        work = p.header.decoder_bytes + preprocess.frame_work_bytes(p.header, channels, p.size)
-        budget.transient(work, field=p.field, what=f"decoding {p.header.describe}")
-    return shape
-
-
-@dataclass(frozen=True)
-class UploadPlan:
-    """An upload sized from its headers: its parts, the model input's shape and the bytes it holds."""
-
-    parts: list[PartPlan]
-    channels: int
-    shape: tuple[int, int, int, int]
-    held_bytes: int  # what the budget keeps charged: uploaded bytes + declared data + model input
-    raw: preprocess.RawDetector | None = None  # raw detector frames, prepared by `RawDetector.prepare`
-
-    @property
-    def field(self) -> str:
-        return self.parts[0].field if len(self.parts) == 1 else "files"
-
-
-def plan_upload(
-    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings,
-    raw: preprocess.RawDetector | None = None,
-) -> UploadPlan:
-    """Size every blob from its header within the request's budget (413 past it): nothing decoded."""
-    parts = plan_parts(blobs, preprocessing, input_shape, settings, raw)
-    channels = preprocess.model_channels(preprocessing, input_shape)
-    budget = MemoryBudget(settings.max_request_memory_bytes)
-    shape = charge_plan(parts, channels, budget)
-    return UploadPlan(parts, channels, shape, budget.used, raw)
-
-
-def decode_and_prepare(
-    blobs: list[tuple[str, bytes]], preprocessing: Preprocessing, input_shape: list[int], settings: Settings
-) -> np.ndarray:
-    """`plan_upload`, then `decode_upload`, in one go."""
-    return decode_upload(plan_upload(blobs, preprocessing, input_shape, settings))
-
-
-def decode_upload(plan: UploadPlan) -> np.ndarray:
-    """Decode a planned upload frame by frame into the model's input (N, C, H, W): integer images
-    scaled to [0, 1], converted and resized."""
-    out = np.empty(plan.shape, np.float32)
-    index = 0
-    for p in plan.parts:
-        start = index
-        for frame in codecs.iter_frames(p.data, p.header, p.field, plan.raw is None):
-            out[index] = preprocess.prepare_frame(frame, plan.channels, p.size, plan.raw, p.field)
-            index += 1
-        if index - start != p.header.frames:
-            raise InvalidInput(
-                f"decoded {index - start} frames, its header declares {p.header.frames}",
-                field=p.field,
-                limit=p.header.frames,
-            )
-    return out
-
-
 async def read_images(
     request: Request, settings: Settings, preprocessing: Preprocessing, op: OpSpec
 ) -> np.ndarray:
@@ -338,7 +249,7 @@ def _png_response(
         "X-Grid-Cols": str(cols),
         "X-Image-Shape": ",".join(map(str, images.shape[1:])),
     }
-    return Response(png, media_type=codecs.PNG_MEDIA_TYPE, headers=headers)
+    return vary_on_accept(Response(png, media_type=codecs.PNG_MEDIA_TYPE, headers=headers))
 
 
 async def image_response(
@@ -370,9 +281,9 @@ async def image_response(
             data = codecs.encode_npy(images.astype(np.float32, copy=False))
         else:
             data = await run_in_threadpool(codecs.encode_npy, images.astype(np.float32, copy=False))
-        return Response(data, media_type=codecs.NPY_MEDIA_TYPE, headers=headers)
+        return vary_on_accept(Response(data, media_type=codecs.NPY_MEDIA_TYPE, headers=headers))
     body = {"images": images, "shape": list(images.shape), "output_range": list(output_range)}
-    return Response(await json_answer(body), media_type=codecs.JSON_MEDIA_TYPE, headers=headers)
+    return vary_on_accept(Response(await json_answer(body), media_type=codecs.JSON_MEDIA_TYPE, headers=headers))
 
 
 async def json_answer(body: dict[str, Any]) -> bytes:
@@ -390,9 +301,14 @@ def json_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in body.items()}).encode()
 
 
-async def latents_response(latents: np.ndarray, fmt: str) -> Response:
+async def latents_response(latents: np.ndarray, fmt: str, dtype: str | None = None) -> Response:
+    """(N, D) latents as NPY or JSON (`{"latents", "shape", "dtype"}`), rounded to `dtype` (None: the
+    request's `?dtype=`, read by `input_memory`; float32 outside a request)."""
+    dtype = check_latent_dtype(dtype) if dtype is not None else _latent_dtype.get()
     check_answer(latents.size, fmt, ("json", "npy"))
     hold_answer(latents.size, fmt)
+    values = latents.astype(LATENT_DTYPES[dtype])
     if fmt == "npy":
-        return Response(codecs.encode_npy(latents.astype(np.float32)), media_type=codecs.NPY_MEDIA_TYPE)
-    return JSONResponse(codecs.encode_latents_json(latents))
+        return vary_on_accept(Response(codecs.encode_npy(values), media_type=codecs.NPY_MEDIA_TYPE))
+    body = json.dumps({**codecs.encode_latents_json(values), "dtype": dtype}, separators=(",", ":")).encode()
+    return vary_on_accept(Response(body, media_type=codecs.JSON_MEDIA_TYPE))

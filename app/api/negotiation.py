@@ -1,13 +1,26 @@
-"""Content negotiation: the response format from `?format=` or the `Accept` header."""
+"""Content negotiation: the response format from `?format=` or the `Accept` header; the answers it
+chose carry `Vary: Accept` (a cache must not serve a PNG to a client that asked for NPY)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
+
+from starlette.responses import Response
 
 from app.codecs import JSON_MEDIA_TYPE, NPY_MEDIA_TYPE, PNG_MEDIA_TYPE
 from app.errors import NotAcceptable
 
 FORMAT_MEDIA_TYPES = {"png": PNG_MEDIA_TYPE, "npy": NPY_MEDIA_TYPE, "json": JSON_MEDIA_TYPE}
+ResponseT = TypeVar("ResponseT", bound=Response)
+
+
+def vary_on_accept(response: ResponseT) -> ResponseT:
+    """`response` with `Accept` in its `Vary` header (once, after any names already there)."""
+    present = {name.strip().lower() for value in response.headers.getlist("vary") for name in value.split(",")}
+    if "accept" not in present:
+        response.headers.add_vary_header("Accept")
+    return response
 
 
 def _media_ranges(accept: str) -> list[str]:

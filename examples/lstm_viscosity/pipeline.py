@@ -4,7 +4,8 @@
    are drop crops) and wait until it is ready.
 2. Simulate labelled droplet videos (training/data/droplets.py): training and held-out videos come from
    disjoint seed streams that the autoencoder's training frames never use.
-3. Encode every video as one NPY stack of T frames (POST /v1/models/{model}/encode) → T×D latents.
+3. Encode every video with `aeserve_client`'s `encode_sequence` (an NPY stack of T frames per request to
+   POST /v1/models/{model}/encode) → T×D latents.
 4. Fit three regressors of log viscosity on the training videos and score R² on the held-out ones:
    an LSTM on the latents, the same LSTM on the raw frames shrunk to about D values, and the physics
    baseline (drop speed from a thresholded centroid track in the side strip of the same video, plus tilt).
