@@ -13,7 +13,7 @@ STORE ?= model_store
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,train,dev
 
-.PHONY: install serve test store lint bench bench-quick clean-store help
+.PHONY: install serve test store lint bench bench-quick clean-store help ray-serve
 
 help:
 	@echo "make serve   - install, build the default model store if missing, start the service on HOST:PORT ($(HOST):$(PORT));"
@@ -24,6 +24,7 @@ help:
 	@echo "make quality - held-out quality of every model next to equal-size baselines (writes metrics.heldout)"
 	@echo "make soak    - a long overload run against a real process (SOAK_SECONDS, SOAK_FACTOR, ...)"
 	@echo "make lstm-demo - the droplet LSTM viscosity pipeline against a running service"
+	@echo "make ray-serve - the service on a local Ray cluster (Ray Serve): RAY_REPLICAS replicas of RAY_CPUS CPUs"
 	@echo "make lint    - ruff + hadolint"
 
 $(VENV)/.installed: pyproject.toml
@@ -55,6 +56,13 @@ serve: $(STORE)/.built
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# make ray-serve: the service on a new local Ray cluster (Ray Serve), RAY_REPLICAS replicas of RAY_CPUS CPUs on HOST:PORT.
+RAY_REPLICAS ?= 2
+RAY_CPUS ?= 1
+ray-serve: $(STORE)/.built
+	$(PY) -m pip install -q -e ".[$(EXTRAS),ray]" "$(TORCH_SPEC)"
+	$(PY) -m deploy.ray_serve --store $(STORE) --replicas $(RAY_REPLICAS) --num-cpus $(RAY_CPUS) --host $(HOST) --port $(PORT) $(RAY_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app training tests bench examples
