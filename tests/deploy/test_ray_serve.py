@@ -244,6 +244,7 @@ def ray_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray-cluster")  # one local cluster per test session, not one per xdist worker
 def test_two_replicas_answer_like_one_process(tiny_store: Path, ray_cluster: str) -> None:
     import httpx
     from ray import serve
@@ -276,6 +277,7 @@ def test_two_replicas_answer_like_one_process(tiny_store: Path, ray_cluster: str
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray-cluster")
 def test_deleting_a_replica_finishes_its_request(tiny_store: Path, ray_cluster: str) -> None:
     """A request waits 2 s in a partial batch (classic batching); deleting the app meanwhile lets it finish,
     then the replica runs the app's lifespan shutdown (every engine drained and stopped)."""
