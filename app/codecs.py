@@ -5,6 +5,7 @@ client's bytes is an `InvalidInput` naming the field and the limit. Image arrays
 Sizes come first, from the headers (`app.image_headers`); images are then decoded one frame at a time
 (`iter_frames`) and each frame prepared for the model (`app.preprocess`), so the working memory of a
 request is what its headers declare, not a multiple of it.
+Each decoder and encoder is timed once, here (`app.metrics.timed_codec`, `timed_frames`).
 Choosing the response format from the request is HTTP, not a codec: see `app.api.negotiation`.
 """
 
@@ -31,6 +32,7 @@ from app.image_headers import (
     read_header,
     sniff_format,
 )
+from app.metrics import timed_codec, timed_frames
 from app.preprocess import convert_channels
 
 __all__ = ["sniff_format"]
@@ -112,6 +114,10 @@ def _npy_frames(data: bytes, field: str, convert: Callable[..., np.ndarray]) -> 
 def iter_frames(data: bytes, header: ImageHeader, field: str = "file", unit: bool = True) -> Iterator[np.ndarray]:
     """Decode an upload whose `header` was read (and sized): float32 (C, H, W) frames, C as stored, integers
     scaled to [0, 1]; with `unit=False` integer frames keep their values and dtype (`raw_values`: counts)."""
+    return timed_frames(_checked_frames(data, header, field, unit), header.kind)
+
+
+def _checked_frames(data: bytes, header: ImageHeader, field: str, unit: bool) -> Iterator[np.ndarray]:
     frames = {"npy": _npy_frames, "tiff": _tiff_frames}.get(header.kind, _png_frames)
     source = frames(data, field, to_unit_float if unit else raw_values)
     expected = (header.bands, header.height, header.width)
@@ -158,6 +164,7 @@ def latents_json_bytes(data: bytes, dim: int, *, max_frames: int) -> int:
     return len(data) + numbers * _JSON_BYTES_PER_NUMBER
 
 
+@timed_codec("decode", "json")
 def decode_latents_json(data: bytes, dim: int, *, max_frames: int) -> np.ndarray:
     """`{"latents": [[...], ...]}` (or one flat vector) -> float32 (N, dim); integers are read as floats."""
     latents_json_bytes(data, dim, max_frames=max_frames)
@@ -176,6 +183,7 @@ def decode_latents_json(data: bytes, dim: int, *, max_frames: int) -> np.ndarray
     return check_latents(array, dim, max_frames=max_frames)
 
 
+@timed_codec("decode", "npy")
 def decode_latents_npy(data: bytes, dim: int, *, max_frames: int) -> np.ndarray:
     """An NPY of (N, dim) or (dim,) integers or floats -> float32 (N, dim); sized from its header first."""
     header = npy_header(data, "latents", kinds="iuf", kinds_limit="float or int")
@@ -218,11 +226,13 @@ def check_latents(array: np.ndarray, dim: int, *, max_frames: int) -> np.ndarray
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+@timed_codec("encode", "json")
 def encode_latents_json(latents: np.ndarray) -> dict[str, Any]:
     return {"latents": latents.tolist(), "shape": list(latents.shape)}
 
 
 # ----------------------------------------------------------------------------------------------- outputs
+@timed_codec("encode", "npy")
 def encode_npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
@@ -273,6 +283,7 @@ def encode_png(image_chw: np.ndarray, bit_depth: int = 8) -> bytes:
     return buffer.getvalue()
 
 
+@timed_codec("encode", "png")
 def encode_png_grid(images01: np.ndarray, bit_depth: int = 8) -> tuple[bytes, int, int]:
     """(N, C, H, W) in [0, 1] -> PNG bytes of one image or a grid, plus (rows, cols)."""
     grid, rows, cols = tile_grid(images01)

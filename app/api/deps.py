@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from app.admission import DEADLINE_HEADER, TIMEOUT_HEADER, Admission, request_deadline
 from app.api.edge import arrival_of
 from app.errors import CapabilityNotOffered, ModelNotFound, ModelUnavailable, status_and_reason
-from app.metrics import FAILURES, REQUEST_DURATION, REQUESTS
+from app.metrics import FAILURES, REQUEST_DURATION, REQUESTS, RequestMetrics, request_metrics
 from app.schemas.manifest import Capability
 from app.settings import Settings
 from app.store import ModelRecord, ModelRegistry
@@ -100,22 +100,27 @@ def admission_slot(request: Request, record: ModelRecord, op: str) -> AbstractAs
 
 
 @asynccontextmanager
-async def track(record: ModelRecord, op: str) -> AsyncIterator[None]:
-    """Count the request by status, time it, and count failures by their bounded reason."""
+async def track(record: ModelRecord, op: str) -> AsyncIterator[RequestMetrics]:
+    """Count the request by status, time it, and count failures by their bounded reason; while it runs it
+    is in `aeserve_requests_in_progress`, and its codec calls report their time and items under its labels
+    (a successful request's items go to `aeserve_request_items`)."""
     labels = (record.name, record.label_version, op)
     started = time.perf_counter()
     status = 200
-    try:
-        yield
-    except asyncio.CancelledError:
-        status = 499
-        FAILURES.labels(*labels, "client_disconnected").inc()
-        raise
-    except Exception as exc:
-        status, reason = status_and_reason(exc)
-        FAILURES.labels(*labels, reason).inc()
-        exc.aeserve_counted = True  # type: ignore[attr-defined]
-        raise
-    finally:
-        REQUESTS.labels(*labels, str(status)).inc()
-        REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
+    with request_metrics(*labels) as context:
+        try:
+            yield context
+        except asyncio.CancelledError:
+            status = 499
+            FAILURES.labels(*labels, "client_disconnected").inc()
+            raise
+        except Exception as exc:
+            status, reason = status_and_reason(exc)
+            FAILURES.labels(*labels, reason).inc()
+            exc.aeserve_counted = True  # type: ignore[attr-defined]
+            raise
+        finally:
+            REQUESTS.labels(*labels, str(status)).inc()
+            REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
+            if status == 200:
+                context.observe_items()
