@@ -39,7 +39,9 @@ def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
         p.add_argument("--init", help="safetensors weights to start a new run from")
     p.add_argument("--epochs", type=int, help="train until this many epochs are complete")
     p.add_argument("--more-epochs", type=int, help="with --resume: train this many epochs more")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--batch-size", type=int, help="samples per micro-batch; under torchrun the global batch, split over the ranks"
+    )
     p.add_argument("--lr", type=float)
     p.add_argument(
         "--amp",
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (or continue with --resume)")
+    p = sub.add_parser(
+        "train", help="train a model (or continue with --resume); under torchrun, with DDP over the processes"
+    )
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 

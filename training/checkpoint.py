@@ -15,6 +15,8 @@ with the previous checkpoints untouched.
 The state saved by the loop holds: model, optimizer, AMP grad scaler, step, epoch, position inside
 the epoch, the RNG states of python/numpy/torch (and CUDA), the TrainConfig, the model config, the
 data order of the current epoch, the best validation loss and the history (the JSON log's content).
+A run of several processes (`training.distributed`) adds `rng_by_rank`, every rank's RNG state; its
+other entries are rank 0's, with the same keys as a one-process checkpoint (the unwrapped model).
 """
 
 from __future__ import annotations

@@ -83,6 +83,8 @@ def _config_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) one run; under torchrun every process runs this and DDP shares the run."""
+    from training.distributed import from_environment
     from training.loop import train
 
     config, out = _config_from_args(args)
@@ -103,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "val": result.val,
         "wall_s": round(time.monotonic() - started, 2),
     }
-    print(json.dumps(summary, default=float))
+    if from_environment().is_main:  # under torchrun, one summary (rank 0's; every rank has the same)
+        print(json.dumps(summary, default=float))
     return 0 if result.stopped in ("done", "time_budget") else 130
 
 

@@ -7,7 +7,8 @@ when asked. Everything that decides the numbers is a pure function of the saved 
   * the order of the training samples in epoch e is `epoch_order(n, seed, e)`, and data sets with a
     `set_epoch` method are told the epoch (random crops are a function of seed, epoch and index);
   * the RNG states of python/numpy/torch are saved with the model, optimizer and AMP scaler,
-so `--resume latest` continues with exactly the per-step losses of an uninterrupted run.
+so `--resume latest` continues with exactly the per-step losses of an uninterrupted run. Under torchrun
+the run is shared by DistributedDataParallel (see `training.distributed`: global batch, rank 0 writes).
 
 Outputs in `out_dir`: `checkpoints/` (see `training.checkpoint`; retention and disk budget from the
 config), `log.json` (config, per-step losses, per-epoch train/val loss and validation metrics, events)
@@ -21,12 +22,12 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from training.checkpoint import (
@@ -35,10 +36,11 @@ from training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     remove_stale_temps,
-    restore_rng_state,
 )
 from training.config import TrainConfig
-from training.runtime import StopFlag, amp_dtype, resolve_device, seed_everything
+from training.distributed import SINGLE, Distributed, session
+from training.runtime import StopFlag, amp_dtype, seed_everything
+from training.sampling import batches_of_epoch, collate, epoch_order
 from training.tasks import Task, build_model, task_for_model
 
 LOG_NAME = "log.json"
@@ -53,25 +55,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = min(1.0, (step - config.lr_warmup_steps) / config.lr_decay_steps)
     floor = base * config.lr_min_ratio
     return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
-    """Permutation of the training indices for one epoch: a pure function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(length, generator=generator)
-
-
-def batches_of_epoch(length: int, batch_size: int, order: torch.Tensor) -> list[list[int]]:
-    """Index lists of the epoch's batches (the last partial batch is dropped when one full batch exists)."""
-    indices = order.tolist()
-    full = length // batch_size
-    count = full if full > 0 else 1
-    return [indices[i * batch_size : (i + 1) * batch_size] for i in range(count)]
-
-
-def collate(dataset: Dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    batch = default_collate([dataset[i] for i in indices])
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _scalar(value: Any) -> float:
@@ -105,13 +88,15 @@ class Trainer:
         progress: bool = True,
         init_state: dict[str, torch.Tensor] | None = None,
         task: Task | None = None,
+        dist: Distributed = SINGLE,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.ckpt = CheckpointDir(self.out_dir / "checkpoints", config.keep_last, config.min_free_disk_mb)
-        for directory in (self.out_dir, self.ckpt.directory):
+        for directory in (self.out_dir, self.ckpt.directory) if dist.is_main else ():
             remove_stale_temps(directory)
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.dist = dist
+        self.progress = progress and dist.is_main
+        self.device = dist.device(config.device)
         resumed: dict[str, Any] | None = None
         if resume is not None:
             resumed = load_checkpoint(self.ckpt.resolve(resume))
@@ -145,6 +130,9 @@ class Trainer:
         self.history: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": [], "events": []}
         if resumed is not None:
             self._load_state(resumed, resume)
+        else:
+            dist.seed_rank_stream(config.seed, 0)
+        self.trainee = dist.wrap(self.model, self.task.losses, self.device)  # DDP under torchrun
 
     # --- state ------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -168,6 +156,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "best_val_loss": self.best_val_loss,
             "history": self.history,
+            **self.dist.rng_streams(),  # every rank's RNG state, only under torchrun
         }
 
     def _load_state(self, state: dict[str, Any], source: Any) -> None:
@@ -192,7 +181,7 @@ class Trainer:
                 "time": time.time(),
             }
         )
-        restore_rng_state(state["rng"])
+        self.dist.restore_rng(state, self.config.seed)
 
     # --- steps --------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -206,14 +195,17 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         totals: dict[str, float] = {}
-        for indices in micro_batches:
+        for number, global_indices in enumerate(micro_batches, start=1):
+            indices, weight = self.dist.shard(global_indices)  # weight 1.0 unless a rank's share is uneven
             batch = collate(self.train_set, indices, self.device)
-            with self._autocast():
-                terms = self.task.losses(self.model, batch)
-            loss = terms["loss"].float() / len(micro_batches)
-            self.scaler.scale(loss).backward()
+            with self.dist.gradient_sync(self.trainee, number == len(micro_batches)):
+                with self._autocast():
+                    terms = self.trainee(batch)
+                loss = terms["loss"].float() / len(micro_batches) * weight
+                self.scaler.scale(loss).backward()
             for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + _scalar(value) / len(micro_batches)
+                totals[key] = totals.get(key, 0.0) + _scalar(value) * weight / len(micro_batches)
+        totals = self.dist.mean(totals)  # the global batch's losses
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -228,14 +220,16 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss terms and metrics over the whole validation set (weighted by batch size)."""
+        """Loss terms and metrics over the whole validation set (weighted by batch size; under torchrun the
+        batches are dealt over the ranks and the sums reduced, so every rank gets the same figures)."""
+        self.dist.broadcast_buffers(self.model)
         self.model.eval()
         sums: dict[str, float] = {}
         count = 0
         n = len(self.val_set)
         if self.config.max_val_samples:
             n = min(n, self.config.max_val_samples)
-        for start in range(0, n, self.config.val_batch_size):
+        for start in self.dist.share(list(range(0, n, self.config.val_batch_size))):
             indices = list(range(start, min(n, start + self.config.val_batch_size)))
             batch = collate(self.val_set, indices, self.device)
             with self._autocast():
@@ -246,6 +240,7 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value * len(indices)
             count += len(indices)
         self.model.train()
+        sums, count = self.dist.total(sums, count)
         return {key: value / max(count, 1) for key, value in sums.items()}
 
     def steps_per_epoch(self) -> int:
@@ -262,7 +257,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.history["events"].append(
             {"event": "start", "step": self.step, "epoch": self.epoch, "target_epochs": config.epochs,
-             "time": time.time()}
+             "time": time.time(), **self.dist.describe()}
         )
         stopped = "done"
         steps_per_epoch = self.steps_per_epoch()
@@ -275,7 +270,7 @@ class Trainer:
                         {"event": stopped, "step": self.step, "epoch": self.epoch, "position": self.position,
                          "time": time.time()}
                     )
-                    self.ckpt.save_latest(self.state())
+                    self.dist.on_main(partial(self.ckpt.save_latest, self.state()))  # rank 0 writes
                     break
                 final_val = self._end_epoch(train_loss, started)
         if stopped != "done" or not final_val:
@@ -284,10 +279,11 @@ class Trainer:
             {"event": "end", "stopped": stopped, "step": self.step, "epoch": self.epoch, "time": time.time()}
         )
         self.write_log()
-        if self.task.report is not None:
+        if self.task.report is not None and self.dist.is_main:
             self.model.eval()
             with torch.no_grad():
                 self.task.report(self.model, config, self.out_dir)
+        self.dist.barrier()
         return RunResult(
             out_dir=self.out_dir,
             epochs_completed=self.epoch,
@@ -331,7 +327,7 @@ class Trainer:
         train_sum, train_count = sum(logged, 0.0), len(logged)
         stopped = "done"
         while self.position < steps_per_epoch:
-            stopped = self._stop_reason(stop_flag, started)
+            stopped = self.dist.agree(self._stop_reason(stop_flag, started))  # every rank stops together
             if stopped != "done":
                 break
             first = self.position * config.grad_accum
@@ -359,7 +355,7 @@ class Trainer:
             {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "val_loss": val["loss"],
              "val": val, "lr": lr_at(max(self.step - 1, 0), config), "elapsed_s": time.monotonic() - started}
         )
-        self.ckpt.save_epoch(self.state(), self.epoch, is_best)
+        self.dist.on_main(partial(self.ckpt.save_epoch, self.state(), self.epoch, is_best))  # rank 0 writes
         self.write_log()
         if self.progress:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
@@ -368,9 +364,11 @@ class Trainer:
         return val
 
     def write_log(self) -> None:
-        """`log.json` (atomically) and the loss-curve PNG."""
+        """`log.json` (atomically) and the loss-curve PNG (rank 0 only under torchrun)."""
         from training.plots import plot_loss_curve
 
+        if not self.dist.is_main:
+            return
         log = {
             "model": self.config.model,
             "family": getattr(self.model, "family", ""),
@@ -391,5 +389,9 @@ def train(
     init_state: dict[str, torch.Tensor] | None = None,
     task: Task | None = None,
 ) -> RunResult:
-    """Train `config.model` until `config.epochs` epochs are complete (see the module docstring)."""
-    return Trainer(config, out_dir, resume=resume, progress=progress, init_state=init_state, task=task).fit()
+    """Train `config.model` until `config.epochs` epochs are complete (see the module docstring); under
+    torchrun, as one of several DDP processes."""
+    with session(config.device) as dist:
+        return Trainer(
+            config, out_dir, resume=resume, progress=progress, init_state=init_state, task=task, dist=dist
+        ).fit()

@@ -20,12 +20,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto`; with `local_rank` (one process of several) CUDA means cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu")
+    if local_rank is not None and device.type == "cuda":
+        return torch.device("cuda", local_rank)
     return device
 
 
