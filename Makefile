@@ -65,7 +65,7 @@ ray-serve: $(STORE)/.built
 	$(PY) -m deploy.ray_serve --store $(STORE) --replicas $(RAY_REPLICAS) --num-cpus $(RAY_CPUS) --host $(HOST) --port $(PORT) $(RAY_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check app training tests bench examples
+	$(VENV)/bin/ruff check app training tests bench examples aeserve_client deploy
 	$(VENV)/bin/hadolint Dockerfile Dockerfile.gpu
 
 # Engine ceiling, aeserve (cold start, RSS, C=1/8/32/64) and its peers, the goals of issue 8; <= 15 min on 2 cores.

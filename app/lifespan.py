@@ -32,7 +32,8 @@ from app.scheduling import WorkerLoop
 from app.schemas.manifest import OpSpec, TensorSpec
 from app.settings import Settings
 from app.shutdown import Drain, install_sigterm_hook
-from app.store import ModelRecord, ModelRegistry, load_model, scan_store
+from app.store import ModelRecord, ModelRegistry, load_model
+from app.versions import PolicyTable, scan_versions
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +255,19 @@ def report_failure(record: ModelRecord, kind: str) -> Callable[[WorkerLoop[Any]]
 
 
 def register_models(registry: ModelRegistry, settings: Settings) -> None:
-    """Every selected model of the store, in state `loading`."""
-    selected = settings.model_filter()
-    for record in scan_store(settings.store):
-        if selected is None or record.name in selected:
-            registry.add(record)
-            MODEL_READY.labels(record.name, record.label_version).set(0)
+    """The versions each selected model's policy picks (`app.versions`), in state `loading`; a model whose
+    policy cannot pick (a bad policy.json, a pinned version not in the store) is registered unavailable."""
+    table = PolicyTable.parse(settings.version_policy)
+    for model in scan_versions(settings.store, table, settings.model_filter()).values():
+        registry.policies[model.name] = str(model.policy)
+        chosen = [] if model.error else model.policy.select([s.version for s in model.stored])
+        if not chosen:
+            registry.add(ModelRecord(model.name, None, state="unavailable", reason=model.why_none()))
+            continue
+        for stored in model.stored:
+            if stored.version in chosen:
+                registry.add(ModelRecord(model.name, stored.version, stored.path, signature=stored.signature))
+                MODEL_READY.labels(model.name, stored.version).set(0)
 
 
 def stored_bytes(record: ModelRecord) -> int:
@@ -271,23 +279,25 @@ def stored_bytes(record: ModelRecord) -> int:
 
 async def load_one(record: ModelRecord, settings: Settings, budget: ItemBudget, slots: asyncio.Semaphore) -> None:
     """Verify, load, warm up and start one model within a loading slot; `StartupError` under strict."""
-    async with slots:
-        started = time.perf_counter()
-        await asyncio.to_thread(load_model, record, settings)
-        record.load_seconds = time.perf_counter() - started
-        if record.state != "unavailable":
-            await start_model(record, settings, budget)
+    if record.state != "unavailable":  # else its policy chose no version (see `register_models`)
+        async with slots:
+            started = time.perf_counter()
+            await asyncio.to_thread(load_model, record, settings)
+            record.load_seconds = time.perf_counter() - started
+            if record.state != "unavailable":
+                await start_model(record, settings, budget)
     if record.state == "unavailable" and settings.strict:
         raise StartupError(f"model {record.name}/{record.version} failed: {record.reason}")
 
 
 async def load_all(app: FastAPI, registry: ModelRegistry, settings: Settings, budget: ItemBudget) -> None:
     """Verify, load, warm up and start every model, as many at once as there are cores (largest first: the
-    last to finish is then a small one), then mark loading done (`app.state.ready`).
+    last to finish is then a small one), let the reloader pick older versions where the selected ones failed,
+    then mark loading done (`app.state.ready`).
 
     Under strict the first model that fails raises `StartupError` (the others are cancelled)."""
     slots = asyncio.Semaphore(machine_cores())
-    largest_first = sorted(registry, key=stored_bytes, reverse=True)
+    largest_first = sorted(registry.records(), key=stored_bytes, reverse=True)
     tasks = [asyncio.create_task(load_one(r, settings, budget, slots), name=f"load-{r.name}") for r in largest_first]
     try:
         for finished in asyncio.as_completed(tasks):
@@ -296,14 +306,28 @@ async def load_all(app: FastAPI, registry: ModelRegistry, settings: Settings, bu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    reloader = getattr(app.state, "reloader", None)
+    if reloader is not None:
+        reloader.loaded.set()
+    if reloader is not None and any(r.state == "unavailable" for r in registry.records()):
+        await reloader.reload()  # `latest` policies fall back to older versions of the models that failed
     app.state.ready = True
-    log.info("ready: %s", ", ".join(f"{r.name}/{r.version}={r.state}" for r in registry) or "no models")
+    log.info("ready: %s", ", ".join(f"{r.name}/{r.version}={r.state}" for r in registry.records()) or "no models")
+
+
+async def watch_after(loader: asyncio.Task[None] | None, reloader: Any, interval_s: float) -> None:
+    """Watch the store (`Reloader.watch`) once the start-up loading is done."""
+    if loader is not None:
+        await asyncio.gather(loader, return_exceptions=True)
+    await reloader.watch(interval_s)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load and start every selected model (in the background unless strict or `load_in_background` is off),
-    drain on SIGTERM, then stop them all."""
+    watch the store when `store_poll_s` > 0, drain on SIGTERM, then stop them all."""
+    from app.reload import Reloader  # it builds on this module's start_model / stop_model
+
     settings: Settings = app.state.settings
     registry = ModelRegistry()
     app.state.models = registry
@@ -313,7 +337,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     drain.draining = False
     app.state.admission = Admission(settings.max_inflight_requests)  # routes: a slot before the body
     budget = app.state.queue_budget = ItemBudget(settings.max_queued_items_total)
+    reloader = app.state.reloader = Reloader(registry, settings, budget, loaded=False)
     loader: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     undo_hook = install_sigterm_hook(drain, settings.shutdown_grace_s)
     try:
         register_models(registry, settings)
@@ -321,14 +347,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loader = asyncio.create_task(load_all(app, registry, settings, budget), name="load-models")
         else:
             await load_all(app, registry, settings, budget)
+        if settings.store_poll_s > 0:
+            watcher = asyncio.create_task(watch_after(loader, reloader, settings.store_poll_s), name="store-watcher")
         yield
     finally:
         drain.draining = True
         app.state.ready = False
-        if loader is not None:
-            loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+        for task in (loader, watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await reloader.close()
         if undo_hook is not None:
             undo_hook()
-        for record in registry:
+        for record in registry.records():
             await stop_model(record)

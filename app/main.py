@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
-from app.api import system, v1
+from app.api import system, v1, v2
 from app.api.edge import BodyGuard, body_limits
 from app.api.error_handlers import install_error_handlers
 from app.api.security import install_security
@@ -54,4 +54,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_security(app, settings)  # outermost: bearer auth, then CORS
     app.include_router(system.router)
     app.include_router(v1.router())
+    app.include_router(v2.router())
     return app

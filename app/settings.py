@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.versions import PolicyTable
 
 
 class Settings(BaseSettings):
@@ -26,6 +28,19 @@ class Settings(BaseSettings):
     )
     models: str = Field(
         "", description="Comma-separated model names to load (empty: every model in the store)"
+    )
+    version_policy: str = Field(
+        "latest:1",
+        description="Which versions of each model are served: latest:N (the N newest that load), all, or pinned:V;"
+        " comma-separated, an entry without = is the default, model=policy overrides it for one model (e.g."
+        " latest:1,stem-ae=latest:2,v3-small-201=pinned:1); <store>/<model>/policy.json ({\"policy\": ...})"
+        " applies when the setting names no policy for that model. Plain routes serve the newest ready one",
+    )
+    store_poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="Check the store every this many seconds and reload when versions, manifests or policy.json"
+        " files changed (as POST /v1/admin/reload does); 0: no watcher",
     )
     strict: bool = Field(False, description="Fail startup when any model fails verification or loading")
     warmup: bool = Field(
@@ -201,6 +216,12 @@ class Settings(BaseSettings):
         " or ~14 of 32 frames of 152x1280 (~36 MiB each, ~450 frames queued: the cores stay busy); keep it >="
         " max_request_memory_bytes",
     )
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy_parses(cls, value: str) -> str:
+        PolicyTable.parse(value)  # ValueError names the bad entry and the grammar
+        return value
 
     def model_filter(self) -> set[str] | None:
         """The names `models` selects, or None for all."""

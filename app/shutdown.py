@@ -31,7 +31,8 @@ from app.api.error_handlers import error_response
 
 log = logging.getLogger(__name__)
 
-ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})  # answered while draining too
+# answered while draining too
+ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 POLL_S = 0.05
 
 

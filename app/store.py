@@ -1,8 +1,9 @@
 """The model store: scan, validate manifests, verify every artifact, pick and load a runtime per op.
 
-Layout: `<store>/<model>/<version>/manifest.json` plus the files its `artifacts` list. The newest
-version of each model (numeric order: "10" > "9", "1.10" > "1.9") is served. A model that fails any
-check is kept as `unavailable` with its reason, so `/v1/models` can say why it is missing.
+Layout: `<store>/<model>/<version>/manifest.json` plus the files its `artifacts` list. Which versions
+of a model are served is its version policy (`app.versions`; default: the newest, in numeric order
+"10" > "9", "1.10" > "1.9"). A model that fails any check is kept as `unavailable` with its reason, so
+`/v1/models` can say why it is missing.
 
 Verify, then load exactly what was verified: every artifact's size and sha256 are checked first
 (`verify_artifacts`), and each artifact a runtime loads is read once more into memory, checked again
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from app.metrics import track_execution_provider
 from app.runtime.base import Runtime, RuntimeLoadError
 from app.schemas.manifest import ArtifactFormat, Manifest, OpSpec
 from app.schemas.store_format import (
@@ -59,6 +62,9 @@ class ModelRecord:
     sampler: ContinuousDdimSampler | None = None  # ddim models only
     load_seconds: float = 0.0
     fault: str = ""  # why a model that was serving stopped (its engine or sampler scheduler failed)
+    signature: tuple[int, ...] = ()  # its manifest's `app.versions.file_signature` when scanned
+    leases: int = 0  # requests running on this version (`app.versions.leased`)
+    retired: bool = False  # no longer served: new requests resolve the model again
 
     def fail(self, reason: str) -> None:
         self.state = "unavailable"
@@ -164,6 +170,8 @@ def load_model(record: ModelRecord, settings: Settings) -> None:
                 else:
                     raise StoreError(f"op {op_name}: {exc}") from exc
             record.formats[op_name] = fmt
+            # aeserve_model_execution_provider{model,version,provider}, while this runtime lives
+            track_execution_provider(record.runtimes[op_name], record.name, record.label_version)
         _load_saliency(record, manifest, settings)
     except (StoreError, RuntimeLoadError) as exc:
         record.fail(str(exc))
@@ -192,19 +200,54 @@ def _load_saliency(record: ModelRecord, manifest: Manifest, settings: Settings) 
 
 
 class ModelRegistry:
-    """Name -> ModelRecord, on `app.state.models`."""
+    """The served versions of every model, on `app.state.models`.
+
+    `get(name)` is the model's default version: its newest ready one (else its newest, whose reason
+    then explains the 503); `get_version` any served version. Iterating yields each model's default
+    version (one record per model, by name); `records()` every served version."""
 
     def __init__(self) -> None:
-        self.records: dict[str, ModelRecord] = {}
+        self.served: dict[str, dict[str, ModelRecord]] = {}  # name -> version -> record, oldest first
+        self.policies: dict[str, str] = {}  # name -> its version policy, as text
 
     def add(self, record: ModelRecord) -> None:
-        self.records[record.name] = record
+        """Serve one more version of a model."""
+        versions = self.served.get(record.name, {})
+        self.set_versions(record.name, [*versions.values(), record])
+
+    def set_versions(self, name: str, records: list[ModelRecord]) -> None:
+        """Serve exactly `records` for model `name` from now on (none: the model is gone)."""
+        if not records:
+            self.served.pop(name, None)
+            return
+        ordered = sorted(records, key=lambda r: version_key(r.version or ""))
+        self.served[name] = {r.version or "": r for r in ordered}
 
     def get(self, name: str) -> ModelRecord | None:
-        return self.records.get(name)
+        versions = self.served.get(name)
+        if not versions:
+            return None
+        for record in reversed(versions.values()):
+            if record.state == "ready":
+                return record
+        return next(reversed(versions.values()))
 
-    def __iter__(self):
-        return iter(self.records.values())
+    def get_version(self, name: str, version: str) -> ModelRecord | None:
+        return self.served.get(name, {}).get(version)
+
+    def versions(self, name: str) -> list[ModelRecord]:
+        """The served versions of `name`, oldest first."""
+        return list(self.served.get(name, {}).values())
+
+    def names(self) -> list[str]:
+        return sorted(self.served)
+
+    def records(self) -> list[ModelRecord]:
+        """Every served version of every model, by name then version."""
+        return [r for name in self.names() for r in self.served[name].values()]
+
+    def __iter__(self) -> Iterator[ModelRecord]:
+        return iter([record for name in self.names() if (record := self.get(name)) is not None])
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.served)

@@ -220,15 +220,19 @@ def test_live_scrape_has_the_new_metrics_with_values(scrapes: tuple[str, str, in
     items = {}
     for key, value in _values(after, "aeserve_request_items_sum").items():
         labels = dict(key)
-        items[labels["model"], labels["op"]] = value - _values(before, "aeserve_request_items_sum").get(key, 0)
+        gained = value - _values(before, "aeserve_request_items_sum").get(key, 0)  # versions of one model add up
+        items[labels["model"], labels["op"]] = items.get((labels["model"], labels["op"]), 0) + gained
     assert {k: v for k, v in items.items() if v} == {
         ("tiny-ae", "encode"): 1 + 3 + 2, ("tiny-ae", "decode"): 2 + 2, ("tiny-render", "decode"): 1,
         ("tiny-ae", "reconstruct"): 3, ("tiny-ae", "attention-map"): 1 + 2, ("tiny-ae", "sample"): 3,
         ("tiny-ddim", "sample"): 2 + 2 * served,
     }
     assert set(_values(after, "aeserve_requests_in_progress").values()) == {0.0}  # every request ended
-    decoded = {dict(k)["format"] for k in _values(after, "aeserve_codec_decode_seconds_count")}
-    encoded = {dict(k)["format"] for k in _values(after, "aeserve_codec_encode_seconds_count")}
+    def used(name: str) -> set[str]:  # formats this test's traffic timed (other tests share the registry)
+        earlier = _values(before, name)
+        return {dict(k)["format"] for k, v in _values(after, name).items() if v > earlier.get(k, 0)}
+
+    decoded, encoded = used("aeserve_codec_decode_seconds_count"), used("aeserve_codec_encode_seconds_count")
     assert decoded == {"png", "tiff", "npy", "json"} and encoded == {"png", "npy", "json"}
     assert _values(after, "process_resident_memory_bytes") and _values(after, "python_info")
 
@@ -243,14 +247,15 @@ def test_route_op_info_joins_every_route_to_the_engine_ops_it_used(scrape: str) 
     families = {f.name: f for f in text_string_to_metric_families(scrape)}
     route_ops = {s.labels["op"] for s in families["aeserve_requests"].samples if s.labels.get("op")}
     engine_ops = {s.labels["op"] for name in ENGINE_METRICS for s in families[name].samples if s.labels.get("op")}
-    assert route_ops == {"encode", "decode", "reconstruct", "sample", "attention-map"}
-    assert engine_ops == {"encode", "decode", "reconstruct", "attention_matrix", "saliency", "denoise"}
+    # this test's traffic at least (v2 tests in the same process add their routes to the shared registry)
+    assert route_ops >= {"encode", "decode", "reconstruct", "sample", "attention-map"}
+    assert engine_ops >= {"encode", "decode", "reconstruct", "attention_matrix", "saliency", "denoise"}
     info: dict[str, set[str]] = {}
     for sample in families["aeserve_route_op_info"].samples:
         assert sample.value == 1
         info.setdefault(sample.labels["route"], set()).add(sample.labels["op"])
     assert route_ops <= info.keys()
-    assert set().union(*info.values()) == engine_ops
+    assert engine_ops <= set().union(*info.values())
     # the table agrees with the code that submits: each capability's op, the saliency queue, the samplers' ops,
     # v2's per-op names and its `infer`
     from app.api.capabilities import CAPABILITIES

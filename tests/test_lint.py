@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_ruff_reports_nothing() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    result = subprocess.run([ruff, "check", "app", "training", "tests", "bench", "examples"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    paths = ["app", "training", "tests", "bench", "examples", "aeserve_client", "deploy"]
+    result = subprocess.run([ruff, "check", *paths], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -23,3 +23,12 @@ def test_app_never_imports_training() -> None:
                  if any(line.lstrip().startswith(("import training", "from training"))
                         for line in p.read_text().splitlines())]
     assert offenders == []
+
+
+def test_modules_stay_under_400_lines() -> None:
+    """One job per module: no source module of the service, the training package, the bench, the client or the
+    deploy scripts grows past 400 lines."""
+    packages = ("app", "training", "bench", "aeserve_client", "deploy")
+    long = {str(p.relative_to(REPO)): n for pkg in packages for p in (REPO / pkg).rglob("*.py")
+            if not any(part.startswith(".venv") for part in p.parts) and (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}

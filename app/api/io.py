@@ -66,22 +66,28 @@ def rejection_labels(request: Request) -> tuple[str, str, str]:
     """(model, version, op) of a v1 request, from its path and the registry, for `aeserve_rejections_total`."""
     name = str(request.path_params.get("name", ""))
     registry = getattr(request.app.state, "models", None)
-    record = registry.get(name) if registry is not None and name else None
+    version = request.path_params.get("version")
+    record = None
+    if registry is not None and name:
+        record = registry.get(name) if version is None else registry.get_version(name, str(version))
     op = str(request.scope.get("path", "")).rsplit("/", 1)[-1]
     return name, record.label_version if record is not None else "", op if op in ROUTE_OPS else ""
 
 
 @asynccontextmanager
-async def input_memory(request: Request, settings: Settings) -> AsyncIterator[InputReservation]:
+async def input_memory(
+    request: Request, settings: Settings, labels: tuple[str, str, str] | None = None
+) -> AsyncIterator[InputReservation]:
     """Hold the request's input bytes, then its answer's, in the app's pool until the block exits, however
     it exits.
 
     The route wraps the whole request in it: the readers raise the hold as the size becomes known (the
     decoded arrays wait in the batcher's queues long after the read has returned), and the writers raise
     it by the answer's estimate before encoding (`app.budget.hold_answer`, through the request's context).
+    `labels` (model, version, op) name its rejections in the metrics; by default the path's.
     """
     dtype = _latent_dtype.set(latent_dtype_of(request))  # 422 before anything is read or held
-    reservation = InputReservation(input_pool(request.app.state, settings), rejection_labels(request))
+    reservation = InputReservation(input_pool(request.app.state, settings), labels or rejection_labels(request))
     setattr(request.state, RESERVATION_KEY, reservation)
     answers_held_by(reservation)
     try:

@@ -26,7 +26,7 @@ from app.api.error_handlers import error_response
 from app.errors import Forbidden, Unauthorized
 from app.settings import Settings
 
-HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 METRICS_PATHS = frozenset({"/metrics"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 REALM = 'Bearer realm="aeserve"'

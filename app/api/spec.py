@@ -71,6 +71,16 @@ async def submit_op(job: Job) -> Outcome:
 
 
 @dataclass(frozen=True)
+class ResponseHeader:
+    """Documentation of a header a capability's answers carry (behaviour lives in its writer or `run`)."""
+
+    name: str
+    description: str
+    media_types: tuple[str, ...] = ()  # sent with every answer of these types; (): with every answer
+    always: bool = True  # False: only in the case its description names (e.g. DDIM samplers only)
+
+
+@dataclass(frozen=True)
 class CapabilitySpec:
     """One capability of the service; the protocols register their routes from these."""
 
@@ -82,6 +92,10 @@ class CapabilitySpec:
     tag: str  # OpenAPI tag
     run: Run = submit_op
     check: Check | None = None  # validation that needs no body (runs after content negotiation)
+    # OpenAPI only (app.api.documentation): headers `run` adds to its answers, error statuses beyond the
+    # ones every route of its input kind can answer (e.g. 501 from `check`)
+    headers: tuple[ResponseHeader, ...] = ()
+    errors: tuple[int, ...] = ()
 
     def input_kind(self, op: OpSpec | None) -> InputKind:
         """The input the model's `op` really takes: "none" for an op without inputs (a fixed render)."""

@@ -1,4 +1,5 @@
-"""System routes: model list and summaries, liveness, readiness, Prometheus metrics.
+"""System routes: model list and summaries (per served version), liveness, readiness, Prometheus metrics, and
+`POST /v1/admin/reload` (`app.reload`).
 
 Non-admins (see `app.api.security`) see model summaries without build-host details."""
 
@@ -11,11 +12,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import RecordDep, RegistryDep, SettingsDep
+from app.api.documentation import error_responses
 from app.api.security import is_admin, public_view, scrub_paths
+from app.errors import Unauthorized
 from app.metrics import REGISTRY
 from app.runtime.torch_export import SALIENCY_METHOD
+from app.schemas.responses import ErrorBody
 from app.settings import Settings
 from app.store import ModelRecord, ModelRegistry
+from app.versions import VERSION_HEADER, find_version
 
 router = APIRouter(tags=["system"])
 
@@ -101,23 +106,84 @@ def summary(record: ModelRecord, settings: Settings) -> dict[str, Any]:
         "metrics": manifest.metrics,
         "provenance": manifest.provenance,
         "load_seconds": round(record.load_seconds, 4),
+        "limits": {"max_frames": settings.max_frames, "max_upload_bytes": settings.max_upload_bytes,
+                   "max_request_memory_bytes": settings.max_request_memory_bytes},
     }
 
 
-@router.get("/v1/models", summary="Every model of the store with its state (ready / unavailable + reason)")
+def versions_of(registry: ModelRegistry, name: str) -> list[dict[str, Any]]:
+    """The served versions of a model, oldest first: version, state and why it is not ready."""
+    return [{"version": r.version, "state": r.state, "reason": r.reason} for r in registry.versions(name)]
+
+
+def with_versions(item: dict[str, Any], registry: ModelRegistry, name: str) -> dict[str, Any]:
+    """A model's item (its default version's) plus its policy and every served version."""
+    return {**item, "policy": registry.policies.get(name), "versions": versions_of(registry, name)}
+
+
+@router.get(
+    "/v1/models",
+    summary="Every model of the store with its default version's state (ready / unavailable + reason), its"
+    " version policy and its served versions",
+)
 async def list_models(request: Request, registry: RegistryDep, settings: SettingsDep) -> dict[str, Any]:
-    models = [list_item(r, settings) for r in registry]
+    models = [with_versions(list_item(r, settings), registry, r.name) for r in registry]
     return {"models": models if is_admin(request) else scrub_paths(models)}
 
 
 @router.get(
     "/v1/models/{name}",
-    summary="Manifest summary: capabilities, I/O, preprocessing, artifacts, metrics (build-host details for"
-    " admins only)",
+    responses=error_responses([401, 404]),
+    summary="Manifest summary of the default version: capabilities, I/O, preprocessing, artifacts, metrics"
+    " (build-host details for admins only), and the served versions",
 )
-async def describe_model(request: Request, record: RecordDep, settings: SettingsDep) -> dict[str, Any]:
-    full = summary(record, settings)
+async def describe_model(
+    request: Request, response: Response, record: RecordDep, registry: RegistryDep, settings: SettingsDep
+) -> dict[str, Any]:
+    response.headers[VERSION_HEADER] = record.label_version
+    full = with_versions(summary(record, settings), registry, record.name)
     return full if is_admin(request) else public_view(full)
+
+
+@router.get(
+    "/v1/models/{name}/versions", responses=error_responses([401, 404]),
+    summary="The served versions of a model, oldest first, and its policy",
+)
+async def list_versions(record: RecordDep, registry: RegistryDep) -> dict[str, Any]:
+    return {
+        "name": record.name, "policy": registry.policies.get(record.name), "default_version": record.version,
+        "versions": versions_of(registry, record.name),
+    }
+
+
+@router.get(
+    "/v1/models/{name}/versions/{version}", responses=error_responses([401, 404]),
+    summary="Manifest summary of one served version",
+)
+async def describe_version(
+    request: Request, response: Response, record: RecordDep, version: str, registry: RegistryDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    served = find_version(registry, record, version)
+    response.headers[VERSION_HEADER] = served.label_version
+    full = summary(served, settings)
+    return full if is_admin(request) else public_view(full)
+
+
+@router.post(
+    "/v1/admin/reload",
+    summary="Rescan the store and swap model versions without a restart: new versions are verified, loaded and"
+    " warmed before they take traffic, old ones drain and are freed; a failed load leaves the old serving."
+    " Needs the bearer token when AESERVE_API_TOKEN is set",
+    responses={
+        401: {"model": ErrorBody, "description": "AESERVE_API_TOKEN is set and the bearer token is missing or wrong"},
+    },
+)
+async def reload_store(request: Request) -> dict[str, Any]:
+    settings: Settings = request.app.state.settings
+    if settings.api_token and not is_admin(request):  # BearerAuth refuses it first; this keeps it so
+        raise Unauthorized("this route needs Authorization: Bearer <token>", field="Authorization")
+    return await request.app.state.reloader.reload()
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -1,4 +1,6 @@
-"""The v1 HTTP protocol: one generic route per capability spec, `POST /v1/models/{name}/{capability}`.
+"""The v1 HTTP protocol: one generic route per capability spec, `POST /v1/models/{name}/{capability}` (the
+model's default version) and `POST /v1/models/{name}/versions/{version}/{capability}` (a served version).
+Every answer names the version that served it in `X-Model-Version`.
 
 decode (request -> the op's inputs, by input kind) -> validate (the spec's check; codecs validate
 what they decode) -> submit (the spec's run) -> encode (by output kind, in the negotiated format).
@@ -25,7 +27,7 @@ from app.api.deps import (
     require_capability,
     track,
 )
-from app.api.documentation import answers, request_body
+from app.api.documentation import route_documentation
 from app.api.edge import until_disconnected
 from app.api.io import (
     image_response,
@@ -39,12 +41,12 @@ from app.api.io import (
 from app.api.negotiation import negotiate
 from app.api.spec import Arrays, CapabilitySpec, InputKind, Job, Outcome, OutputKind, RequestOptions
 from app.budget import use_answer_limit
-from app.errors import InvalidInput
+from app.errors import InvalidInput, ServiceError
 from app.schemas.manifest import OpSpec
 from app.schemas.requests import SampleRequest
-from app.schemas.responses import ERROR_RESPONSES
 from app.settings import Settings
 from app.store import ModelRecord
+from app.versions import VERSION_HEADER, find_version, leased
 
 # response formats each output kind offers; the first is the default
 FORMATS: dict[OutputKind, tuple[str, ...]] = {
@@ -224,39 +226,71 @@ async def serve(
         return await WRITERS[spec.output](outcome, record, fmt, options, settings)
 
 
+async def serve_version(
+    spec: CapabilitySpec, request: Request, record: ModelRecord, options: RequestOptions
+) -> Response:
+    """`serve` on a lease of the version (it is not freed while this runs), naming it in `X-Model-Version`
+    (errors too). A version retired since the route resolved it (a reload swapped it out while the options
+    were read) is resolved again: the new default, or a 404 for a version no longer served."""
+    if record.retired:
+        version = request.path_params.get("version")
+        record = await (ready_record(record.name, request) if version is None else
+                        version_record(record.name, version, request))
+    version = record.label_version
+    with leased(record):
+        try:
+            response = await serve(spec, request, record, request.app.state.settings, options)
+        except ServiceError as exc:
+            exc.headers[VERSION_HEADER] = version
+            raise
+    response.headers[VERSION_HEADER] = version
+    response.headers["Vary"] = "Accept"  # every capability answer is negotiated (Accept or ?format=)
+    return response
+
+
 async def ready_record(name: str, request: Request) -> ModelRecord:
-    """`app.api.deps.get_ready_record` of the path's model, on the event loop (see `options_for`); resolved
-    before the options, so an unknown or unready model is refused before its query is validated."""
+    """`app.api.deps.get_ready_record` of the path's model (its default version), on the event loop (see
+    `options_for`); resolved before the options, so an unknown or unready model is refused before its query
+    is validated."""
     return get_ready_record(get_record(name, get_registry(request)), request)
 
 
-def endpoint_for(spec: CapabilitySpec) -> Callable[..., Awaitable[Response]]:
-    """The route function of one spec: its own options dependency, the shared handler (the settings come
-    from the app's state: every dependency costs FastAPI a resolution per request)."""
+async def version_record(name: str, version: str, request: Request) -> ModelRecord:
+    """`ready_record` of one served version of the model; 404 naming the served versions for another."""
+    registry = get_registry(request)
+    return get_ready_record(find_version(registry, get_record(name, registry), version), request)
+
+
+def endpoint_for(spec: CapabilitySpec, *, versioned: bool = False) -> Callable[..., Awaitable[Response]]:
+    """The route function of one spec (its default-version or its `/versions/{version}` form): its own options
+    dependency, the shared handler (the settings come from the app's state: every dependency costs FastAPI a
+    resolution per request)."""
     options_dependency = options_for(spec)
+    resolve = version_record if versioned else ready_record
 
     async def endpoint(
         request: Request,
-        record: Annotated[ModelRecord, Depends(ready_record)],
+        record: Annotated[ModelRecord, Depends(resolve)],
         options: Annotated[RequestOptions, Depends(options_dependency)],
     ) -> Response:
-        return await serve(spec, request, record, request.app.state.settings, options)
+        return await serve_version(spec, request, record, options)
 
     return endpoint
 
 
 def router(capabilities: Sequence[CapabilitySpec] = CAPABILITIES) -> APIRouter:
-    """`POST /v1/models/{name}/{capability}` for every spec, in order."""
-    v1 = APIRouter(prefix="/v1/models", responses=ERROR_RESPONSES)
-    for spec in capabilities:
-        v1.add_api_route(
-            f"/{{name}}/{spec.name}",
-            endpoint_for(spec),
-            methods=["POST"],
-            summary=spec.summary,
-            tags=[spec.tag],
-            name=spec.name.replace("-", "_"),
-            responses=answers(spec.output, FORMATS[spec.output]),
-            openapi_extra=request_body(spec.input),
-        )
+    """`POST /v1/models/{name}/{capability}` for every spec, in order, then the same under
+    `/v1/models/{name}/versions/{version}/`."""
+    v1 = APIRouter(prefix="/v1/models")  # each route documents its own errors (`route_documentation`)
+    for versioned in (False, True):
+        for spec in capabilities:
+            v1.add_api_route(
+                f"/{{name}}/versions/{{version}}/{spec.name}" if versioned else f"/{{name}}/{spec.name}",
+                endpoint_for(spec, versioned=versioned),
+                methods=["POST"],
+                summary=f"{spec.summary} (one served version)" if versioned else spec.summary,
+                tags=[spec.tag],
+                name=spec.name.replace("-", "_") + ("_version" if versioned else ""),
+                **route_documentation(spec, FORMATS[spec.output]),
+            )
     return v1

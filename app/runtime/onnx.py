@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.metrics import track_execution_provider
 from app.runtime.base import RuntimeLoadError
 from app.runtime.threads import resolve_threads
 
@@ -70,15 +69,6 @@ def session_options(ort: Any, intra_op_threads: int, *, cpu_mem_arena: bool = Fa
     return options
 
 
-def model_and_version(artifact: Path) -> tuple[str, str] | None:
-    """(model, version) of an artifact in a store's `<model>/<version>/` folder: the nearest folder above it
-    that holds a manifest.json (None outside a store)."""
-    for folder in list(artifact.parents)[:3]:
-        if (folder / "manifest.json").is_file():
-            return folder.parent.name, folder.name
-    return None
-
-
 class OnnxRuntime:
     """One `onnxruntime.InferenceSession`; `provider` says which execution provider really runs it."""
 
@@ -127,9 +117,6 @@ class OnnxRuntime:
                 raise RuntimeLoadError(f"cannot load ONNX model {self.path.name}: {exc}") from exc
         self.providers: list[str] = list(self.session.get_providers())  # what the session really got
         self.provider: str = self.providers[0]
-        store_labels = model_and_version(self.path)
-        if store_labels is not None:  # aeserve_model_execution_provider, while this session lives
-            track_execution_provider(self, *store_labels)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         log.info(

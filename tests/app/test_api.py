@@ -272,8 +272,11 @@ def test_openapi_lists_every_route(bare_client):
     paths = json.loads(bare_client.get("/openapi.json").text)["paths"]
     for route in ("encode", "decode", "reconstruct", "attention-map", "sample"):
         assert f"/v1/models/{{name}}/{route}" in paths
-    queries = {"encode": ["format"], "attention-map": ["format", "saliency"]}
-    bodies = {"decode": ["application/json", "application/x-npy"], "sample": ["application/json"]}
+    raw = ["intensity", "angular_sampling_mrad", "counts_per_probe"]  # raw 4D-STEM frames (app.preprocess)
+    queries = {"encode": ["format", *raw, "dtype"], "reconstruct": ["format", "bit_depth", *raw],
+               "attention-map": ["format", "saliency", *raw]}
+    bodies = {"decode": ["application/json", "application/x-npy", "application/octet-stream"],
+              "sample": ["application/json"]}
     for route in ("encode", "decode", "reconstruct", "attention-map", "sample"):
         operation = paths[f"/v1/models/{{name}}/{route}"]["post"]
         params = [p["name"] for p in operation["parameters"] if p["in"] == "query"]
@@ -281,4 +284,5 @@ def test_openapi_lists_every_route(bare_client):
         assert operation["operationId"].startswith(route.replace("-", "_") + "_v1_models")
         # every route documents its body (the raw image and latent bodies too: schemathesis fuzzes them)
         media = list(operation["requestBody"]["content"])
-        assert media == bodies.get(route, ["image/png", "image/tiff", "application/x-npy", "multipart/form-data"])
+        assert media == bodies.get(route, ["image/png", "image/tiff", "application/x-npy", "application/octet-stream",
+                                           "multipart/form-data"])

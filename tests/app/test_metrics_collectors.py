@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from pathlib import Path
 from types import SimpleNamespace
 
 import anyio
@@ -25,7 +24,6 @@ from app.metrics import (
     provider_label,
     request_metrics,
 )
-from app.runtime.onnx import model_and_version
 
 
 def _families(collector) -> dict[str, dict[tuple, float]]:
@@ -113,15 +111,6 @@ def test_execution_provider_follows_the_live_runtimes() -> None:
     del fallback
     gc.collect()
     assert _families(collector)["aeserve_model_execution_provider"] == {("m", "1", "CUDAExecutionProvider"): 1}
-
-
-def test_model_and_version_of_an_artifact(tmp_path: Path) -> None:
-    version = tmp_path / "store" / "enc" / "7"
-    (version / "sub").mkdir(parents=True)
-    (version / "manifest.json").write_text("{}")
-    assert model_and_version(version / "encode.onnx") == ("enc", "7")
-    assert model_and_version(version / "sub" / "encode.onnx") == ("enc", "7")
-    assert model_and_version(tmp_path / "loose.onnx") is None
 
 
 def _tiff_upload(frames: int) -> tuple[bytes, object]:
