@@ -13,7 +13,7 @@ STORE ?= model_store
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,train,dev
 
-.PHONY: install serve test store lint bench bench-quick clean-store help ray-serve
+.PHONY: install serve test store lint bench bench-quick clean-store help ray-serve dashboard
 
 help:
 	@echo "make serve   - install, build the default model store if missing, start the service on HOST:PORT ($(HOST):$(PORT));"
@@ -25,6 +25,7 @@ help:
 	@echo "make soak    - a long overload run against a real process (SOAK_SECONDS, SOAK_FACTOR, ...)"
 	@echo "make lstm-demo - the droplet LSTM viscosity pipeline against a running service"
 	@echo "make ray-serve - the service on a local Ray cluster (Ray Serve): RAY_REPLICAS replicas of RAY_CPUS CPUs"
+	@echo "make dashboard - render docs/dashboard.png from a live scrape (service + Prometheus + 90 s of traffic)"
 	@echo "make lint    - ruff + hadolint"
 
 $(VENV)/.installed: pyproject.toml
@@ -63,6 +64,10 @@ RAY_CPUS ?= 1
 ray-serve: $(STORE)/.built
 	$(PY) -m pip install -q -e ".[$(EXTRAS),ray]" "$(TORCH_SPEC)"
 	$(PY) -m deploy.ray_serve --store $(STORE) --replicas $(RAY_REPLICAS) --num-cpus $(RAY_CPUS) --host $(HOST) --port $(PORT) $(RAY_ARGS)
+
+# make dashboard: the Grafana dashboard's panels rendered from a live Prometheus scrape (needs the prometheus binary).
+dashboard: $(STORE)/.built
+	$(PY) -m deploy.render_dashboard --store $(STORE) --out docs/dashboard.png
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app training tests bench examples aeserve_client deploy
