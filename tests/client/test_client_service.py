@@ -99,7 +99,7 @@ def test_encode_sequence_of_300_frames_keeps_order(service: Service):
     assert shuffled.min() > 100 * BATCH_TOLERANCE  # neighbours differ: order is checked, not just values
 
 
-def test_encode_sequence_learns_the_frame_limit_the_service_names_and_answers_float16(service: Service):
+def test_encode_sequence_plans_chunks_from_the_published_limits_and_answers_float16(service: Service):
     sizes: list[int] = []
 
     def record(response: httpx.Response) -> None:
@@ -109,11 +109,11 @@ def test_encode_sequence_learns_the_frame_limit_the_service_names_and_answers_fl
 
     with Client(service.base_url) as client:
         client.http.event_hooks["response"].append(record)
-        latents = client.encode_sequence("tiny-ae", FRAMES)  # planned at 256 frames: refused, limit 32
+        latents = client.encode_sequence("tiny-ae", FRAMES)  # /v1/models/tiny-ae publishes max_frames=32
         half = client.encode_sequence("tiny-ae", FRAMES, dtype="float16")
     expected = per_chunk_encodes(service, 32)
     np.testing.assert_array_equal(latents, expected)
-    assert sizes.count(422) == 1 and sizes.count(200) == 2 * 10  # then 10 requests of <= 32 frames, twice
+    assert sizes == [200] * (2 * 10)  # no refusal: 10 requests of <= 32 frames, twice
     assert half.dtype == np.float16
     np.testing.assert_array_equal(half, expected.astype(np.float16))
 
