@@ -185,3 +185,14 @@ def test_async_client_raises_the_first_error_and_decodes_and_describes():
             assert info.value.status == 404 and info.value.field == "name"
 
     asyncio.run(scenario())
+
+
+def test_the_client_imports_only_httpx_numpy_pillow_and_the_standard_library() -> None:
+    """A notebook installs the client without the service: importing it pulls in nothing of the server side."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, aeserve_client; print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'fastapi', 'starlette', 'uvicorn', 'pydantic', 'onnxruntime', 'torch', 'app', 'training'}))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert found.stdout.strip() == "[]"
