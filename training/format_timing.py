@@ -2,8 +2,9 @@
 
 Each artifact is timed the way the service runs it — ONNX Runtime with one intra-op thread per core and
 spinning off, torch programs under `inference_mode` with torch's thread count at the core count — on a
-batch of `min(8, max_batch_size)` items at the op's example shape: one warm-up call, then calls until
-three are done or `budget_s` is spent; the median counts. A torch format is preferred only when it beats
+batch of `min(8, max_batch_size)` items at the op's example shape (1 item when one already takes more than
+a 16th of the budget: the 4D-STEM decoder), all formats at the same batch: one warm-up call, then calls
+until three are done or `budget_s` is spent; the median counts. A torch format is preferred only when it beats
 ONNX by `TORCH_MARGIN` (10 %): loading torch costs the service hundreds of MB and seconds of start-up, so
 a tie goes to ONNX Runtime.
 """
@@ -74,19 +75,34 @@ def timing_inputs(result: OpExport, batch: int) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _probe_batch(run: Callable[[tuple[torch.Tensor, ...]], object], result: OpExport, wanted: int,
+                 budget_s: float) -> int:
+    """`wanted`, unless one item already takes so long that a batch of `wanted` would not fit in the budget
+    (the 4D-STEM decoder: ~44 GMAC an item): then 1."""
+    if wanted == 1 or not result.op.example_inputs:
+        return wanted
+    with torch.inference_mode():
+        started = time.perf_counter()
+        run(timing_inputs(result, 1))
+        one = time.perf_counter() - started
+    return wanted if one * wanted * 2 <= budget_s else 1
+
+
 def time_formats(result: OpExport, max_batch_size: int, budget_s: float = 1.5) -> tuple[int, dict[str, float]]:
-    """(batch, {format: median ms per call}) for every artifact of one exported op."""
-    batch = max(1, min(TIMING_BATCH, max_batch_size))
-    inputs = timing_inputs(result, batch) if result.op.example_inputs else ()
+    """(batch, {format: median ms per call}) for every artifact of one exported op, all at one batch size."""
     threads = machine_cores()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        timings = {}
-        for artifact in result.artifacts:
-            runner = (_onnx_runner(artifact.path, result.op.input_names, threads) if artifact.format == "onnx"
-                      else _torch_runner(artifact.path, artifact.format))
-            timings[artifact.format] = round(_median_ms(runner, inputs, budget_s), 3)
+        runners = {
+            a.format: (_onnx_runner(a.path, result.op.input_names, threads) if a.format == "onnx"
+                       else _torch_runner(a.path, a.format))
+            for a in result.artifacts
+        }
+        wanted = max(1, min(TIMING_BATCH, max_batch_size))
+        batch = _probe_batch(next(iter(runners.values())), result, wanted, budget_s) if runners else wanted
+        inputs = timing_inputs(result, batch) if result.op.example_inputs else ()
+        timings = {fmt: round(_median_ms(run, inputs, budget_s), 3) for fmt, run in runners.items()}
     finally:
         torch.set_num_threads(previous)
     return batch, timings
