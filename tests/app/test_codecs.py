@@ -246,3 +246,23 @@ def test_tiff_header_declares_its_series_without_reading_data(monkeypatch):
     assert empty.data_bytes == 30_000 * 20_000  # zero-filled on read: it costs what it declares
     deflate = read_header(tiff_bytes(np.zeros((64, 64), np.uint8), compression="zlib"), "file", 8)
     assert deflate.decoder_bytes > 64 * 64  # the inflate bound of its largest strip
+
+
+def test_npy_headers_are_parsed_once_per_distinct_header() -> None:
+    """A batch client repeats one header: numpy's literal_eval parser runs once for it, not per request."""
+    import io as _io
+
+    from app.image_headers import _parsed_npy_header, npy_header
+
+    def npy(array: np.ndarray) -> bytes:
+        buffer = _io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    first, second = npy(np.zeros((3, 7), np.float32)), npy(np.ones((3, 7), np.float32))
+    npy_header(first, "latents")
+    hits = _parsed_npy_header.cache_info().hits
+    header = npy_header(second, "latents")
+    assert _parsed_npy_header.cache_info().hits == hits + 1
+    assert header.shape == (3, 7) and header.dtype == np.float32 and header.data_offset == len(second) - 84
+    assert npy_header(npy(np.zeros((2, 5), np.uint16)), "x").shape == (2, 5)  # another header: parsed anew
