@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import tests.training.toy_family  # noqa: F401  (registers toy_ae)
 from training.checkpoint import CheckpointDir, load_checkpoint
@@ -31,6 +32,17 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and done.returncode != 0:
         raise AssertionError(f"CLI failed ({done.returncode}): {done.stderr[-2000:]}")
     return done
+
+
+def _train_like_the_cli(config, out: Path):
+    """`train` in this process with one torch thread, as the CLI runs (`--threads 1`): float sums depend on
+    the thread count, and other tests in this pytest worker may have changed it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _losses(log_path: Path) -> list[tuple[int, int, float]]:
@@ -56,10 +68,8 @@ def test_resume_more_epochs_matches_uninterrupted_run(tmp_path) -> None:
         "--no-progress",
     )
 
-    straight = train(
-        default_config("toy_ae", epochs=3, model_overrides={"noise": 0.1}, data={"n": 24}),
-        tmp_path / "straight",
-        progress=False,
+    straight = _train_like_the_cli(
+        default_config("toy_ae", epochs=3, model_overrides={"noise": 0.1}, data={"n": 24}), tmp_path / "straight"
     )
     resumed = _losses(run / "log.json")
     expected = [(r["step"], r["epoch"], r["loss"]) for r in straight.history["steps"]]
@@ -193,10 +203,8 @@ def test_training_killed_at_a_random_moment_resumes_exactly(tmp_path) -> None:
         str(run),
         "--no-progress",
     )
-    straight = train(
-        default_config("toy_ae", epochs=3, model_overrides={"noise": 0.1}, data={"n": 64}),
-        tmp_path / "straight",
-        progress=False,
+    straight = _train_like_the_cli(
+        default_config("toy_ae", epochs=3, model_overrides={"noise": 0.1}, data={"n": 64}), tmp_path / "straight"
     )
     resumed = _losses(run / "log.json")
     expected = [(r["step"], r["epoch"], r["loss"]) for r in straight.history["steps"]]
