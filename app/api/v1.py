@@ -208,7 +208,7 @@ async def serve(
     deadline runs from the request's arrival; a client that leaves while its work waits cancels it.
     """
     async with (
-        track(record, spec.name),
+        track(record, spec.name) as request_metrics,
         admission_slot(request, record, spec.name),
         input_memory(request, settings),
     ):
@@ -223,7 +223,10 @@ async def serve(
         with expecting(record, spec.op):  # an idle engine lets this request join its next batch
             inputs = await READERS[spec.input_kind(op)](request, record, op, settings)
         outcome = await until_disconnected(request, spec.run(Job(record, spec.op, inputs, options, deadline)))
-        return await WRITERS[spec.output](outcome, record, fmt, options, settings)
+        response = await WRITERS[spec.output](outcome, record, fmt, options, settings)
+        if not request_metrics.items_out:  # an answer no codec counted (images as JSON): its rows
+            request_metrics.items_out = int(outcome.array.shape[0])
+        return response
 
 
 async def serve_version(

@@ -195,3 +195,21 @@ def test_process_collectors_are_on_the_service_registry() -> None:
     names = {family.name for family in REGISTRY.collect()}
     expected = {"process_resident_memory_bytes", "process_cpu_seconds", "python_info", "python_gc_objects_collected"}
     assert expected <= names
+
+
+def test_an_answer_no_codec_counts_still_counts_its_rows(client) -> None:
+    """Images answered as JSON pass no codec: `aeserve_request_items` takes the answer's rows instead."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def items_sum() -> float:
+        for family in text_string_to_metric_families(client.get("/metrics").text):
+            for sample in family.samples:
+                if (sample.name == "aeserve_request_items_sum" and sample.labels.get("model") == "tiny-ae"
+                        and sample.labels.get("op") == "sample"):
+                    return sample.value
+        return 0.0
+
+    before = items_sum()
+    answer = client.post("/v1/models/tiny-ae/sample?format=json", json={"num_samples": 3, "seed": 1})
+    assert answer.status_code == 200, answer.text
+    assert items_sum() - before == 3
