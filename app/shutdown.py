@@ -64,7 +64,8 @@ class DrainMiddleware:
             return
         if self.drain.draining:
             response = error_response(
-                503, "shutting_down", "the server is shutting down", headers={"Connection": "close"}
+                503, "shutting_down", "the server is shutting down", headers={"Connection": "close"},
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -27,10 +28,27 @@ def error_response(
     field: str | None = None,
     limit: Any = None,
     headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> JSONResponse:
-    """The one place an error body `{"error": {"code", "message", "field", "limit"}}` is built."""
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field, limit=limit))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    """The one place an error body `{"error": {"code", "message", "field", "limit"}}` is built; on an Open
+    Inference Protocol `path` (/v2/...) the same detail as that protocol's `{"error": "<one line>"}`."""
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field, limit=limit)).model_dump()
+    if is_v2_path(path):
+        body = {"error": v2_message(body["error"])}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_v2_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def v2_message(detail: dict[str, Any]) -> str:
+    """One line from the service's error detail: code, message, and the field and limit it names."""
+    text = f"{detail['code']}: {detail['message']}"
+    if detail.get("field") is not None:
+        limit = detail.get("limit")
+        text += f" (field: {detail['field']}; limit: {limit if isinstance(limit, str) else json.dumps(limit)})"
+    return text
 
 
 def _count_untracked(exc: BaseException, reason: str) -> None:

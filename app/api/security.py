@@ -99,7 +99,7 @@ class BearerAuth:
         message = "missing bearer token" if presented is None else "invalid bearer token"
         response = error_response(
             401, Unauthorized.code, f"{message}: send Authorization: Bearer <token>", field="Authorization",
-            headers={"WWW-Authenticate": challenge},
+            headers={"WWW-Authenticate": challenge}, path=scope.get("path", ""),
         )
         await response(scope, receive, send)
 

@@ -49,6 +49,7 @@ from app.api.error_handlers import (
     http_error_handler,
     service_error_handler,
     unhandled_error_handler,
+    v2_message,
     validation_error_handler,
 )
 from app.api.io import INLINE_LATENT_COST, hold_input, input_memory, read_held_body
@@ -90,15 +91,6 @@ TIMEOUT_PARAMETER = "timeout"  # microseconds, as tritonclient sends it: shorten
 
 
 # ------------------------------------------------------------------------------ errors in the v2 shape
-def v2_message(detail: dict[str, Any]) -> str:
-    """One line from the service's error detail: code, message, and the field and limit it names."""
-    text = f"{detail['code']}: {detail['message']}"
-    if detail.get("field") is not None:
-        limit = detail.get("limit")
-        text += f" (field: {detail['field']}; limit: {limit if isinstance(limit, str) else json.dumps(limit)})"
-    return text
-
-
 async def v2_error(request: Request, exc: Exception) -> JSONResponse:
     """The service's own handler of `exc` (status from STATUS_TABLE, counting, headers), as `{"error": str}`."""
     handler: Callable[[Request, Exception], Awaitable[JSONResponse]] = unhandled_error_handler

@@ -348,3 +348,26 @@ def test_openapi_documents_the_v2_bodies(client):
         assert set(operation["responses"]["200"]["content"]) == {"application/json", "application/octet-stream"}
         assert operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2Error")
     assert "/v2/models/{model_name}/ready" in paths and "/v2/health/ready" in paths
+
+
+def test_middleware_refusals_on_v2_paths_have_the_v2_shape(store):
+    """A missing token (401) and a draining server (503) answer v2 clients as v2 errors, v1 clients as v1's."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    token = "test-token-0123456789abcdef"
+    with TestClient(create_app(make_settings(store, api_token=token, warmup=False))) as client:
+        refused = client.get("/v2/models/tiny-ae.encode")
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert refused.json()["error"].startswith("unauthorized: missing bearer token")
+        assert client.get("/v1/models/tiny-ae").json()["error"]["code"] == "unauthorized"
+        assert client.get("/v2/health/live").status_code == 200  # probes need no token
+        client.app.state.drain.draining = True
+        try:
+            draining = client.post("/v2/models/tiny-ae.encode/infer", json={"inputs": []},
+                                   headers={"Authorization": f"Bearer {token}"})
+        finally:
+            client.app.state.drain.draining = False
+        assert draining.status_code == 503 and draining.json() == {
+            "error": "shutting_down: the server is shutting down"}
