@@ -41,6 +41,7 @@ class ModelMetadata(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": V2Error, "description": text}
     for status, text in {
+        401: "AESERVE_API_TOKEN is set and the bearer token is missing or wrong (WWW-Authenticate)",
         404: "unknown model, op or version",
         406: "the answer fits the request's memory budget only as binary data",
         413: "body, input or answer too large",
@@ -48,6 +49,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         422: "invalid request: names the field and the limit",
         429: "service full (see Retry-After)",
         503: "model unavailable / not ready / shutting down",
+        500: "internal error (a bug: never a client's mistake)",
         504: "request deadline exceeded",
     }.items()
 }
@@ -108,5 +110,5 @@ HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "true (no body)", "content": {}},
     503: {"description": "false (no body)", "content": {}},
 }
-METADATA_ERRORS: dict[int | str, dict[str, Any]] = {status: ERRORS[status] for status in (404, 503)}
+METADATA_ERRORS: dict[int | str, dict[str, Any]] = {status: ERRORS[status] for status in (401, 404, 500, 503)}
 MODEL_HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {404: ERRORS[404], **HEALTH_RESPONSES}

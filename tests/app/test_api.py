@@ -12,7 +12,7 @@ import tifffile
 from PIL import Image
 
 from app import codecs
-from tests.app.conftest import assert_error, npy_bytes
+from tests.app.conftest import assert_error, make_settings, npy_bytes
 
 RNG = np.random.default_rng(1)
 
@@ -61,11 +61,18 @@ def test_model_summary(client):
     assert "torch.export" in body["saliency"]["method"]
 
 
-def test_health_ready_metrics(client):
+def test_health_ready_metrics(client, store):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
-    metrics = client.get("/metrics")
+    # the readiness gauges are process-wide and other tests' apps over this store set them as they start and
+    # stop: read them from an app that has just started (one app per process in production)
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(store, warmup=False))) as fresh:
+        metrics = fresh.get("/metrics")
     assert metrics.status_code == 200
     assert 'aeserve_model_ready{model="tiny-ae",version="10"} 1.0' in metrics.text
     assert 'aeserve_model_ready{model="tiny-broken",version="1"} 0.0' in metrics.text
