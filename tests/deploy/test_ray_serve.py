@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import io
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from deploy.ray_serve import (
     largest_batch,
     replica_settings,
 )
+from tests.app.service_process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "deploy" / "kuberay-rayservice.yaml"
@@ -146,12 +146,6 @@ def test_kuberay_rayservice_manifest() -> None:
 
 
 # ------------------------------------------------------------------------------------------ a real cluster (slow)
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
