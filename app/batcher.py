@@ -1,12 +1,12 @@
-"""Dynamic batching with one engine per model instance.
+"""Dynamic batching with one engine per model.
 
-An `Engine` is an `app.scheduling.WorkerLoop`: one worker thread (so exactly one batch of that model
-is in flight and the event loop stays free) fed by one scheduler task. It keeps one bounded queue per
-op and per input signature (name, per-item shape and dtype of every input). Items are frames: a
-request of N frames counts N, is split into chunks of at most the op's batch limit (the smaller of
+An `Engine` is an `app.scheduling.WorkerLoop`: `instances` worker threads (at most that many batches of
+the model in flight, the event loop stays free) fed by one scheduler task. It keeps one queue per op
+and per input signature (name, per-item shape and dtype of every input). Items are frames: a request
+of N frames counts N, is split into chunks of at most the op's batch limit (the smaller of
 `max_batch_size` and the op's own; never rejected for its size) and answered in order. A queue
 flushes when it holds a full batch, when its first item has waited `max_delay_s`, or - with
-`idle_start` - as soon as the scheduler is free and no more requests for the op are on their way (being
+`idle_start` - as soon as an instance is free and no more requests for the op are on their way (being
 read or decoded: `expecting`), so a lone request never waits, the next batch collects during a run, and
 under load a batch waits the few ms it takes the requests being decoded to join it. Batches are
 concatenated along axis 0 and split back by offsets in the worker thread; results go to each request's
@@ -127,7 +127,7 @@ EXPIRED_IN_QUEUE = "deadline passed while queued"
 
 
 class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
-    """One model instance: one worker thread, exactly one batch in flight, one queue per (op, shape)."""
+    """One model: `instances` batches in flight at most, one queue per (op, shape)."""
 
     def __init__(
         self,
@@ -140,10 +140,12 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         idle_start: bool = True,
         budget: ItemBudget | None = None,
         max_queues: int = 64,
+        instances: int = 1,
     ) -> None:
         """`budget` is shared by every engine of the service (None: a private one that only the per-queue
-        bounds limit: `max_queue_items` × `max_queues`)."""
-        super().__init__(f"engine-{model}", model, version)
+        bounds limit: `max_queue_items` × `max_queues`); `instances`: batches run at once (the runtimes
+        must take concurrent calls, as ONNX Runtime sessions do)."""
+        super().__init__(f"engine-{model}", model, version, concurrency=instances)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_items = max_queue_items
@@ -250,7 +252,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
 
     def _retry_after_s(self, queued: int, max_batch: int) -> float:
         """Seconds until `queued` items have run, from the last batch's time."""
-        return (queued / max_batch + 1) * self._last_compute_s
+        return (queued / max_batch + 1) * self._last_compute_s / self.concurrency
 
     def _check_room(self, queue: _Queue, total: int) -> None:
         """429 when `total` more frames would overfill a non-empty queue (an empty one takes any size)."""

@@ -141,6 +141,7 @@ def build_engine(record: ModelRecord, settings: Settings, budget: ItemBudget | N
         idle_start=settings.idle_start,
         budget=budget,
         max_queues=settings.max_queues_per_model,
+        instances=record.plan.instances,
     )
     for op_name, runtime in record.runtimes.items():
         op = record.op(op_name)

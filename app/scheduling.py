@@ -1,8 +1,9 @@
 """The scheduling core shared by `app.batcher.Engine` and `app.diffusion.ContinuousDdimSampler`.
 
-A `WorkerLoop` owns one asyncio task (its scheduler) and ONE worker thread: the scheduler picks the
-next batch and runs it on that thread, so exactly one batch of a model is in flight and the event
-loop stays free. Callers wait on their own futures; the scheduler answers them. Shared here:
+A `WorkerLoop` owns one asyncio task (its scheduler) and `concurrency` worker threads: the scheduler
+picks the next batch whenever a worker is free and runs it there, so at most `concurrency` batches of
+a model are in flight (instances, as Triton calls them) and the event loop stays free. Callers wait on
+their own futures; the scheduler answers them. Shared here:
 
 - lifecycle: `start()`; `_shut_down()` refuses new work, lets the scheduler drain what is queued
   (within an optional time limit, then cancels it), fails what still waits and releases the thread;
@@ -117,10 +118,13 @@ async def isolate_failures(
 
 
 class WorkerLoop(ABC, Generic[BatchT]):
-    """One scheduler task feeding one worker thread; subclasses define batches (see the module doc)."""
+    """One scheduler task feeding `concurrency` worker threads; subclasses define batches (see the module doc)."""
 
-    def __init__(self, name: str, model: str, version: str, op: str = "") -> None:
-        self.worker_name = name  # names the scheduler task and the worker thread
+    def __init__(self, name: str, model: str, version: str, op: str = "", *, concurrency: int = 1) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.worker_name = name  # names the scheduler task and the worker threads
+        self.concurrency = concurrency  # batches in flight at once, each on a worker thread of its own
         self.model, self.version = model, version
         self.max_restarts = 3  # scheduler restarts allowed within `restart_window_s` before it stays down
         self.restart_window_s = 60.0
@@ -154,12 +158,12 @@ class WorkerLoop(ABC, Generic[BatchT]):
         return ModelUnavailable(f"{self.model} is unavailable: its scheduler failed")
 
     async def start(self) -> None:
-        """Start the worker thread and the scheduler task."""
+        """Start the worker threads and the scheduler task."""
         if self._task is not None:
             raise RuntimeError(f"{type(self).__name__}.start() called twice")
         self._stopping = False
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.worker_name)
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=self.worker_name)
         self._task = asyncio.create_task(self._supervise(), name=self.worker_name)
         self._task.add_done_callback(self._on_task_done)
 
@@ -189,7 +193,7 @@ class WorkerLoop(ABC, Generic[BatchT]):
             self._wake.set()
 
     async def _in_worker(self, fn: Callable[..., ResultT], *args: Any) -> ResultT:
-        """Run the blocking `fn(*args)` on the worker thread."""
+        """Run the blocking `fn(*args)` on a free worker thread."""
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -275,20 +279,38 @@ class WorkerLoop(ABC, Generic[BatchT]):
         self._give_up(f"the scheduler task {what} unexpectedly")
 
     async def _loop(self) -> None:
-        """Run batches while there are any; sleep until woken or due; return once stopping and idle."""
+        """Keep up to `concurrency` batches running; sleep until woken, due or a batch ends; return once
+        stopping and idle. A batch whose `_execute` raises crashes the scheduler (see `_supervise`)."""
         loop = asyncio.get_running_loop()
         assert self._wake is not None
-        while True:
-            batch, wait = self._next_batch(loop.time())
-            if batch is not None:
-                await self._execute(batch)
-                continue
-            if self._stopping:
-                return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):  # no task per sleep, unlike wait_for
-                    await self._wake.wait()
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                self._reap(running)
+                wait: float | None = None
+                if len(running) < self.concurrency:
+                    batch, wait = self._next_batch(loop.time())
+                    if batch is not None:
+                        task = loop.create_task(self._execute(batch))
+                        running.add(task)
+                        task.add_done_callback(lambda _: self._wake_up())
+                        continue
+                    if self._stopping and not running:
+                        return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):  # no task per sleep, unlike wait_for
+                        await self._wake.wait()
+        finally:
+            for task in running:  # only when leaving on a crash or a cancellation: their callers are failed
+                task.cancel()
+
+    @staticmethod
+    def _reap(running: set[asyncio.Task[None]]) -> None:
+        """Forget finished batches; re-raise what one raised."""
+        for task in [task for task in running if task.done()]:
+            running.discard(task)
+            task.result()
 
     @abstractmethod
     def _next_batch(self, now: float) -> tuple[BatchT | None, float | None]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 from app.metrics import track_execution_provider
 from app.runtime.base import Runtime, RuntimeLoadError
+from app.runtime.threads import EnginePlan, machine_cores, plan_engine
 from app.schemas.manifest import ArtifactFormat, Manifest, OpSpec
 from app.schemas.store_format import (
     StoreError,
@@ -65,6 +66,8 @@ class ModelRecord:
     signature: tuple[int, ...] = ()  # its manifest's `app.versions.file_signature` when scanned
     leases: int = 0  # requests running on this version (`app.versions.leased`)
     retired: bool = False  # no longer served: new requests resolve the model again
+    # its engine's instances and each runtime's threads (set by load_model)
+    plan: EnginePlan = field(default_factory=lambda: EnginePlan(1, 1))
 
     def fail(self, reason: str) -> None:
         self.state = "unavailable"
@@ -122,12 +125,22 @@ def read_verified(version_dir: Path, manifest: Manifest, relative: str) -> bytes
     return data
 
 
-def load_runtime(fmt: ArtifactFormat, version_dir: Path, manifest: Manifest, op: OpSpec, settings: Settings) -> Runtime:
-    """The runtime of `op` in format `fmt`, built from the verified bytes of its artifact."""
+def engine_plan(manifest: Manifest, settings: Settings) -> EnginePlan:
+    """Instances and threads of a model's engine on this machine (`app.runtime.threads.plan_engine`)."""
+    single_slot = manifest.sampler is not None and manifest.sampler.kind == "ddim"
+    return plan_engine(settings.engine_instances, settings.intra_op_threads, cores=machine_cores(),
+                       single_slot=single_slot)
+
+
+def load_runtime(
+    fmt: ArtifactFormat, version_dir: Path, manifest: Manifest, op: OpSpec, settings: Settings, threads: int = 0
+) -> Runtime:
+    """The runtime of `op` in format `fmt`, built from the verified bytes of its artifact, on `threads` cores
+    (0: the `intra_op_threads` setting)."""
     relative = op.artifacts[fmt]
     path = resolve_artifact(version_dir, relative)
     data = read_verified(version_dir, manifest, relative)
-    common = {"device": settings.device, "intra_op_threads": settings.intra_op_threads, "data": data}
+    common = {"device": settings.device, "intra_op_threads": threads or settings.intra_op_threads, "data": data}
     if fmt == "onnx":
         from app.runtime.onnx import OnnxRuntime
 
@@ -157,27 +170,37 @@ def load_model(record: ModelRecord, settings: Settings) -> None:
                 manifest.version,
             )
         verify_artifacts(manifest, record.path)
+        plan = engine_plan(manifest, settings)
         for op_name, op in manifest.ops.items():
             fmt = choose_format(op, settings.prefer)
             try:
-                record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings)
+                record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings, plan.threads)
             except RuntimeLoadError as exc:
                 # the preferred format may need torch; fall back to ONNX when it exists
                 if fmt != "onnx" and "onnx" in op.artifacts:
                     log.warning("%s/%s %s: %s; using onnx", record.name, record.version, op_name, exc)
                     fmt = "onnx"
-                    record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings)
+                    record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings, plan.threads)
                 else:
                     raise StoreError(f"op {op_name}: {exc}") from exc
             record.formats[op_name] = fmt
             # aeserve_model_execution_provider{model,version,provider}, while this runtime lives
             track_execution_provider(record.runtimes[op_name], record.name, record.label_version)
+        record.plan = on_device(plan, record, settings)
         _load_saliency(record, manifest, settings)
     except (StoreError, RuntimeLoadError) as exc:
         record.fail(str(exc))
     except Exception as exc:  # a broken artifact must not take the service down
         log.exception("loading %s/%s failed", record.name, record.version)
         record.fail(f"{type(exc).__name__}: {exc}")
+
+
+def on_device(plan: EnginePlan, record: ModelRecord, settings: Settings) -> EnginePlan:
+    """`plan`, with one instance by default once a runtime really runs on CUDA (the cores do not bound it)."""
+    on_cuda = any("cuda" in runtime.provider.lower() for runtime in record.runtimes.values())
+    if on_cuda and not settings.engine_instances:
+        return EnginePlan(1, plan.threads)
+    return plan
 
 
 def _load_saliency(record: ModelRecord, manifest: Manifest, settings: Settings) -> None:
@@ -193,7 +216,7 @@ def _load_saliency(record: ModelRecord, manifest: Manifest, settings: Settings) 
         return
     try:
         assert record.path is not None
-        record.saliency = load_runtime("torch_export", record.path, manifest, op, settings)
+        record.saliency = load_runtime("torch_export", record.path, manifest, op, settings, record.plan.threads)
     except RuntimeLoadError as exc:
         record.saliency_reason = str(exc)
         log.warning("%s/%s: saliency unavailable: %s", record.name, record.version, exc)

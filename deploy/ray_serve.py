@@ -18,8 +18,8 @@ in replicas: the lifespan returns once every model is loaded). Per replica:
   engine died or that lost every model is restarted by Ray;
 - graceful shutdown: Ray stops routing to the replica, waits up to `graceful_shutdown_timeout_s`
   (= `shutdown_grace_s`) for its requests, then runs the lifespan's shutdown (engines drain and stop);
-- resources: `num_cpus` (and `num_gpus` for the GPU variant) per replica; the app's `intra_op_threads`
-  follows `num_cpus`, so each replica's ONNX Runtime sessions use the cores Ray gave it, not the node's.
+- resources: `num_cpus` (and `num_gpus` for the GPU variant) per replica; the app's `engine_instances`
+  follows `num_cpus` (one thread each), so each replica uses the cores Ray gave it, not the node's.
 Every answer carries `x-aeserve-replica: <replica id>/<pid>` (added here, not in the app).
 """
 
@@ -84,8 +84,11 @@ def largest_batch(settings: Settings) -> int:
 
 def replica_settings(args: ServeArgs) -> dict[str, Any]:
     """The app settings of every replica: the given ones, the store as an absolute path, models loaded before
-    the replica takes traffic, ORT threads = the CPUs Ray reserves, and admission at max_ongoing_requests."""
-    overrides: dict[str, Any] = {"intra_op_threads": max(1, math.floor(args.num_cpus)), **args.settings}
+    the replica takes traffic, one engine instance of one thread per CPU Ray reserves, and admission at
+    max_ongoing_requests."""
+    cpus = max(1, math.floor(args.num_cpus))
+    instances = 0 if args.num_gpus > 0 else cpus  # 0: one instance on CUDA (`app.store.on_device`)
+    overrides: dict[str, Any] = {"engine_instances": instances, "intra_op_threads": 1, **args.settings}
     overrides["store"] = str(args.store.resolve())
     overrides["load_in_background"] = False
     if args.num_gpus > 0:

@@ -45,7 +45,7 @@ def engine_config(record: ModelRecord, settings: Settings) -> dict[str, Any] | N
         for name, runtime in record.runtimes.items()
     }
     return {
-        "instances": 1,  # one batch in flight per model; its runtimes use `threads` cores for it
+        "instances": record.plan.instances,  # batches in flight at once; each runtime call uses `threads` cores
         "max_delay_ms": settings.max_delay_ms,
         "idle_start": settings.idle_start,
         "ops": ops,

@@ -1,9 +1,11 @@
-"""How many threads an engine gets: the cores this process may really use, unless a setting says otherwise."""
+"""How many instances and threads an engine gets: the cores this process may really use, unless a setting says
+otherwise."""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
@@ -36,3 +38,27 @@ def machine_cores() -> int:
 def resolve_threads(threads: int) -> int:
     """`threads`, or the machine's cores for 0 (the `intra_op_threads` setting's "auto")."""
     return threads if threads > 0 else machine_cores()
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How one model runs: `instances` batches in flight at once, each runtime call on `threads` cores."""
+
+    instances: int
+    threads: int
+
+
+def plan_engine(instances: int, threads: int, *, cores: int, single_slot: bool = False) -> EnginePlan:
+    """Split the machine's `cores` among a model's instances (0: choose).
+
+    By default every core runs a batch of its own on one thread: on the 2-core CPU host, two 1-thread
+    calls into one ONNX Runtime session did 1.05-1.6x the items/s of one 2-thread call (light, middle and
+    heavy models, batch 1 and 8), and one session serves both, so memory does not double. A model whose
+    scheduler runs one batch at a time (`single_slot`, the DDIM sampler) keeps one instance on all cores.
+    Given threads and no instances: as many instances as fill the cores.
+    """
+    if single_slot:
+        return EnginePlan(1, threads or cores)
+    if not instances:
+        instances = max(1, cores // threads) if threads else cores
+    return EnginePlan(instances, threads or max(1, cores // instances))

@@ -105,7 +105,8 @@ def test_queue_full_is_429_with_retry_after(ae_only, monkeypatch):
 
     monkeypatch.setattr(OnnxRuntime, "run", blocking_run)
     image = npy_bytes(np.zeros((1, 16, 16), np.float32))
-    app = create_app(make_settings(ae_only, warmup=False, load_in_background=False, max_queue_items=1))
+    app = create_app(make_settings(ae_only, warmup=False, load_in_background=False, max_queue_items=1,
+                                   engine_instances=1))  # one batch in flight: the next one queues
     response, first, second = asyncio.run(_fill_the_queue(app, image, running, release))
     assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
     assert response.json()["error"] == {

@@ -58,6 +58,7 @@ def recording_server(store: Path, tmp: Path) -> Iterator[Server]:
     env = {
         "AESERVE_MODELS": "tiny-dyn,tiny-render",  # no torch to import: a quick start
         "AESERVE_MAX_BATCH_SIZE": "1",
+        "AESERVE_ENGINE_INSTANCES": "1",  # one batch in flight: a second request queues behind the gate
         "AESERVE_MAX_UPLOAD_BYTES": str(LIMIT),
         "AESERVE_BODY_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
     }

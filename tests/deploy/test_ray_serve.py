@@ -84,7 +84,10 @@ def test_autoscaling_resources_and_replica_settings(tmp_path: Path) -> None:
                      settings={"shutdown_grace_s": 12})
     overrides = replica_settings(args)
     assert overrides["store"] == str(tmp_path.resolve()) and overrides["load_in_background"] is False
-    assert overrides["intra_op_threads"] == 3 and overrides["device"] == "cuda"
+    assert overrides["engine_instances"] == 0 and overrides["intra_op_threads"] == 1  # GPU: one instance
+    assert overrides["device"] == "cuda"
+    cpu_only = replica_settings(ServeArgs(store=tmp_path, num_cpus=3.5))
+    assert cpu_only["engine_instances"] == 3 and cpu_only["intra_op_threads"] == 1
     options = deployment_options(args, Settings(**overrides))
     assert options["autoscaling_config"] == {
         "min_replicas": 2, "initial_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16,
