@@ -10,7 +10,9 @@ The other formats of the op in the store run with torch at every core: the `torc
 and ONNX Runtime's best batch, and torch eager (the model rebuilt from the manifest and its safetensors
 weights; needs the `train` extra) at batch 8, the formats goal's yardstick. The ceiling is the highest
 items/s of them all; the batch-1 latency is the lowest median call time of one single-session call at
-batch 1.
+batch 1. `with_codecs`: the best plain ONNX layout again, each call also decoding the request bodies and
+encoding each answer (what any server must do; still no HTTP) - how much of the gap to the ceiling the
+codecs alone explain.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.peers.common import make_session
+from bench.peers.common import answer_batch, make_session
 from bench.workloads import Prepared
 
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -58,6 +60,7 @@ class Ceiling:
     workload: str
     measurements: list[Measurement]
     notes: list[str] = field(default_factory=list)
+    with_codecs: Measurement | None = None  # the best layout again, decoding and encoding each item (no HTTP)
 
     @property
     def best(self) -> Measurement:
@@ -85,6 +88,8 @@ class Ceiling:
             "fastest_b8_format": self.fastest_at(FORMAT_BATCH, ("onnx", "torch_export", "aoti")),
             "measurements": [{**asdict(m), "label": m.label} for m in self.measurements],
             "notes": self.notes,
+            "with_codecs": None if self.with_codecs is None else {**asdict(self.with_codecs),
+                                                                   "label": self.with_codecs.label},
         }
 
 
@@ -146,6 +151,18 @@ def onnx_sweep(prepared: Prepared, seconds: float, cores: int) -> list[Measureme
         variants.add(replace(best, parallel=True))
     found += [onnx_measure(prepared, probe, seconds) for probe in sorted(variants, key=lambda m: m.label)]
     return found
+
+
+def codec_measure(prepared: Prepared, layout: Measurement, seconds: float) -> Measurement:
+    """`layout` (ONNX, its instances, threads and batch) where each call also decodes the request bodies and
+    encodes each answer, as a server must (`answer_batch`): what the machine does for these requests
+    in-process, with no HTTP. The engine ceiling leaves the codecs out."""
+    spec = prepared.spec
+    bodies = [prepared.body] * layout.batch
+    sessions = [make_session(spec.onnx, layout.threads) for _ in range(layout.instances)]
+    calls, call_ms = time_calls([lambda s=s: answer_batch(spec, s, bodies) for s in sessions], seconds)
+    return replace(layout, format="onnx+codecs", spinning=False, parallel=False,
+                   items_per_s=calls * layout.batch, call_ms=call_ms)
 
 
 # ------------------------------------------------------------------------------------------------ torch
@@ -224,4 +241,5 @@ def ceiling(prepared: Prepared, seconds: float, cores: int | None = None) -> Cei
     found = onnx_sweep(prepared, seconds, cores)
     best_batch = max(found, key=lambda m: m.items_per_s).batch
     torch_found, notes = torch_sweep(prepared, seconds, cores, tuple(sorted({1, FORMAT_BATCH, best_batch})))
-    return Ceiling(prepared.workload.name, found + torch_found, notes)
+    best_plain = max((m for m in found if not m.spinning and not m.parallel), key=lambda m: m.items_per_s)
+    return Ceiling(prepared.workload.name, found + torch_found, notes, codec_measure(prepared, best_plain, seconds))

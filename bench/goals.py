@@ -76,6 +76,18 @@ def throughput_goals(results: dict[str, Any], workload: str) -> list[Goal]:
             share,
         )
     ]
+    with_codecs = (results["engine"].get(workload, {}).get("with_codecs") or {}).get("items_per_s")
+    codec_share = ratio(served, with_codecs)
+    goals.append(
+        Goal(  # context for the goal above: the same share of the in-process ceiling with the codecs' work in it
+            "(context) served / in-process decode+run+encode",
+            workload,
+            f">= {CEILING_SHARE[workload]}",
+            _fmt_ratio(codec_share, served, with_codecs, " req/s", " items/s"),
+            check(codec_share, codec_share is not None and codec_share >= CEILING_SHARE[workload]),
+            codec_share,
+        )
+    )
     rates = {p: best_rate(results, p, workload) for p in peers(results)}
     rates = {p: r for p, r in rates.items() if r is not None}
     best = max(rates, key=rates.__getitem__) if rates else None

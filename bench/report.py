@@ -95,10 +95,12 @@ def figures_table(results: dict[str, Any]) -> str:
     for name, workload in results["workloads"].items():
         engine = results["engine"].get(name, {})
         best = engine.get("best", {}).get("label", "-")
+        codecs = engine.get("with_codecs") or {}
         lines.append(
             f"{name}: {workload['model']} {workload['op']}, {workload['request']} in, {workload['answer']} out;"
             f" engine ceiling {_num(engine.get('items_per_s'))} items/s ({best}),"
-            f" batch-1 {_num(engine.get('batch1_ms'), 2)} ms"
+            f" batch-1 {_num(engine.get('batch1_ms'), 2)} ms; with decode + encode in-process"
+            f" {_num(codecs.get('items_per_s'))} items/s"
         )
         header = (
             ["  server"]

@@ -63,6 +63,11 @@ def test_goals_pass_miss_and_their_figures() -> None:
     assert chosen.status == "MISS" and chosen.figure == "manifest aoti, bench fastest onnx"
     assert goals["cold start to /readyz 200"].status == "PASS" and goals["peak RSS, default store"].status == "PASS"
     assert goals["answers identical to in-process"].status == "PASS"
+    context = "(context) served / in-process decode+run+encode"
+    assert goals[context].status == "N/A"  # no codec ceiling measured: never a pass
+    doc["engine"]["light"]["with_codecs"] = {"items_per_s": 800.0}
+    coded = {g.goal: g for g in evaluate(doc)}[context]
+    assert coded.status == "PASS" and coded.value == 700 / 800 and "800.0 items/s" in coded.figure
 
 
 def test_thresholds_are_the_issue_s() -> None:

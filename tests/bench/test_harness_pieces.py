@@ -19,7 +19,7 @@ from PIL import Image
 from app import codecs
 from bench.engine import Ceiling, Measurement, time_calls
 from bench.loadgen import load, wrk_script
-from bench.peers.common import decode_request, encode_answer
+from bench.peers.common import decode_answer, decode_request, encode_answer
 from bench.peers.triton_protocol import HEADER_LENGTH, OUTPUT, bytes_element, infer_answer, infer_request
 from bench.servers import peak_rss_bytes, process_tree
 
@@ -159,3 +159,40 @@ def test_peak_rss_covers_the_process_tree() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_codec_ceiling_decodes_runs_and_encodes_every_item(tmp_path, monkeypatch) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bench import engine
+    from bench.peers.common import PeerSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, 8, 8])],
+    )
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    spec = PeerSpec("t", "/v1/models/t/op", str(path), "x", "y", "png", "png")
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    body = png(pixels)
+    seen: list[int] = []
+    real = engine.answer_batch
+
+    def counting(spec_, session, bodies):
+        seen.append(len(bodies))
+        answers = real(spec_, session, bodies)
+        for answer in answers:  # PNG in, the same pixels out: each item really decoded and encoded
+            np.testing.assert_array_equal(decode_answer("png", answer).reshape(8, 8), pixels)
+        return answers
+
+    monkeypatch.setattr(engine, "answer_batch", counting)
+    prepared = type("P", (), {"spec": spec, "body": body})()
+    layout = Measurement("onnx", 4, 2, 1, spinning=True, items_per_s=1e6, call_ms=0.1)
+    found = engine.codec_measure(prepared, layout, seconds=0.05)
+    assert (found.format, found.batch, found.instances, found.threads, found.spinning) == ("onnx+codecs", 4, 2, 1,
+                                                                                           False)
+    assert set(seen) == {4} and found.items_per_s > 0 and found.items_per_s != layout.items_per_s
+    assert found.label == "onnx+codecs 2x1t b4"
