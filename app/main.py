@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.drain = Drain()
     app.add_middleware(DrainMiddleware, drain=app.state.drain)  # 503 for new work once SIGTERM arrived
     install_security(app, settings)  # outermost: bearer auth, then CORS
+    app.include_router(v1.router())  # the hot routes first: a request is matched against the routes in order
     app.include_router(system.router)
-    app.include_router(v1.router())
     app.include_router(v2.router())
     return app

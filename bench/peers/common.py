@@ -6,8 +6,9 @@ for the benchmark's bodies, so every server answers the same bytes' worth of pix
 - request "npy": an NPY of (1, D) or (D,) numbers -> float32 (1, D), refused unless finite;
 - request "png": an 8- or 16-bit grayscale PNG already at the model's size -> float32 (1, 1, H, W),
   integers divided by their dtype's max (aeserve's `to_unit_float`), refused unless finite;
-- answer "png": (1, 1, H, W) in `output_range` -> [0, 1], clipped, x255 rounded to 8 bits, PNG at
-  compress_level 1 (aeserve's `to_unit_range` + `encode_png`);
+- answer "png": (1, 1, H, W) in `output_range` -> [0, 1], clipped, x255 rounded to 8 bits, PNG by Pillow at
+  compress_level 1: the pixels of aeserve's `to_unit_range` + `encode_png` (aeserve writes the PNG itself,
+  cheaper per image; the bytes differ, the pixels do not);
 - answer "npy": (1, ...) -> float32 (1, D) NPY (aeserve's latents answer).
 """
 

@@ -178,6 +178,20 @@ def test_png_out_8_and_16_bit_round_trip():
     np.testing.assert_allclose(back16[0], image, atol=0.5 / 65535 + 1e-6)
 
 
+@pytest.mark.parametrize(("channels", "bit_depth", "mode"),
+                         [(1, 8, "L"), (1, 16, "I;16"), (2, 8, "LA"), (3, 8, "RGB"), (4, 8, "RGBA"), (3, 16, "RGB")])
+def test_png_writer_gives_pillow_the_exact_pixels(channels: int, bit_depth: int, mode: str):
+    image = RNG.random((channels, 7, 13)).astype(np.float32)
+    image[:, 0, 0], image[:, -1, -1] = 0.0, 1.0  # both ends of the range
+    with Image.open(io.BytesIO(codecs.encode_png(image, bit_depth))) as decoded:
+        decoded.load()
+        assert decoded.mode == mode and decoded.size == (13, 7)
+        pixels = np.asarray(decoded).astype(np.int64)
+    scale = 65535 if mode == "I;16" else 255  # 16 bits only for one channel: colour answers stay 8-bit
+    expected = np.round(image * scale).astype(np.int64)
+    np.testing.assert_array_equal(pixels, expected[0] if channels == 1 else np.moveaxis(expected, 0, -1))
+
+
 def test_png_grid_layout():
     images = np.stack([np.full((1, 4, 4), i / 10, np.float32) for i in range(5)])
     png, rows, cols = codecs.encode_png_grid(images)
