@@ -211,9 +211,10 @@ OnnxRuntime.run = slow_run
 """
 FRAMES = np.random.default_rng(0).random((16, 1, 256, 256), dtype=np.float32)  # a 4 MiB NPY upload
 POOL_BYTES = 48 * MiB  # ~4 of these requests (~12 MiB held each: body, declared data, model input)
-# measured +130..135 MiB (5 x 200) since ONNX Runtime's arena is off by default (each run's buffers go back to
-# glibc, whose per-thread arenas keep some); +15..65 MiB with the arena; without the pool (40 x 200): +266..295 MiB
-RSS_BOUND_MIB = 180
+# measured with one engine instance +129..135 MiB (5 x 200) since ONNX Runtime's arena is off by default (each
+# run's buffers go back to glibc, whose per-thread arenas keep some); +15..65 MiB with the arena; without the pool
+# (40 x 200): +266..295 MiB. Two instances (two batches in flight, two worker threads' malloc arenas): +151..200 MiB
+RSS_BOUND_MIB = 240
 FIGURES: list[str] = []
 
 
@@ -222,6 +223,7 @@ def small_pool(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/<pid>/status")
     env = {"AESERVE_MODELS": "tiny-dyn", "AESERVE_LOG_LEVEL": "WARNING", "AESERVE_MAX_BATCH_SIZE": "16",
+           "AESERVE_ENGINE_INSTANCES": "2",  # each instance holds one batch's working memory: fixed, not the cores
            "AESERVE_MAX_REQUEST_MEMORY_BYTES": str(32 * MiB), "AESERVE_MAX_INFLIGHT_MEMORY_BYTES": str(POOL_BYTES)}
     with running_service(store, tmp_path_factory.mktemp("pool"), env=env, prelude=SLOW_RUNS) as service:
         service.wait_until(lambda: httpx.get(f"{service.base_url}/readyz", timeout=2).status_code == 200,
