@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="checkpoint -> safetensors weights (a recipe's init_checkpoint)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--fp16", action="store_true", help="floating tensors as float16 (half the size; loading upcasts)")
     p.set_defaults(func=cmd_weights)
 
     _add_build_store_command(sub)

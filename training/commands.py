@@ -166,8 +166,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
     model, state = _model_from_checkpoint(args.checkpoint)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out)
-    print(f"wrote {out} ({state['model_name']}, epoch {state['epoch']}, step {state['step']})")
+    save_weights(model, out, half=args.fp16)
+    dtype = "float16" if args.fp16 else "as trained"
+    print(f"wrote {out} ({state['model_name']}, epoch {state['epoch']}, step {state['step']}, {dtype})")
     return 0
 
 

@@ -116,10 +116,13 @@ def _op_spec(result: OpExport, root: Path, max_batch_size: int) -> OpSpec:
     )
 
 
-def save_weights(model: nn.Module, path: Path) -> Path:
+def save_weights(model: nn.Module, path: Path, half: bool = False) -> Path:
+    """The model's state dict as safetensors; `half`: floating tensors as float16 (loading upcasts them)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(path))
     return path
 

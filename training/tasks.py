@@ -188,7 +188,7 @@ def _conv_decoder_datasets(model: nn.Module, config: TrainConfig) -> tuple[Datas
     """Grayscale scikit-image patches (and LFW faces) at the VAE's output size."""
     from training.data.patches import ImagePatches
 
-    options = _data_options(config, ("scales", "include_faces", "val_every"))
+    options = _data_options(config, ("scales", "include_faces", "val_every", "augment"))
     pre = model.preprocessing()
     size = pre.get("input_size")
     if size is None or pre.get("channels", 1) != 1 or size[0] != size[1]:

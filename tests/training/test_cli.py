@@ -308,3 +308,25 @@ def test_weights_subcommand_feeds_a_recipe_init_checkpoint(tmp_path, capsys) -> 
     assert manifest.training["init_checkpoint"] == str(init) and manifest.training["steps"] == 0
     stored, initial = load_file(str(version / "weights.safetensors")), load_file(str(init))
     assert stored.keys() == initial.keys() and all(stored[k].equal(initial[k]) for k in stored)
+
+
+def test_weights_fp16_halves_the_floats_and_loads_back_within_half_precision(tmp_path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from training.registry import create_model
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "toy_ae", "--set", "latent_dim=6", "--epochs", "1", "--out", str(run),
+                 "--no-progress"]) == 0
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    assert main(["weights", "--checkpoint", str(run), "--out", str(full)]) == 0
+    assert main(["weights", "--checkpoint", str(run), "--out", str(half), "--fp16"]) == 0
+    a, b = load_file(str(full)), load_file(str(half))
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert b[key].dtype == (torch.float16 if value.is_floating_point() else value.dtype)
+        torch.testing.assert_close(b[key].to(value.dtype), value, rtol=1e-3, atol=1e-4)  # fp16: 11-bit mantissa
+    model = create_model("toy_ae", latent_dim=6)
+    model.load_state_dict(b, strict=True)  # upcast on load: the parameters stay float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -10,7 +10,10 @@ Sources (all shipped inside the scikit-image wheel, nothing is downloaded):
 Values are float32 in [0, 1]. The train/validation split is by source image and deterministic:
 within each group (scenes sorted by name, faces in their stored order) every `val_every`-th source
 (1-based) goes to validation, so no image contributes patches to both splits.
-Items are `{"image": (1, P, P) float32}`.
+Items are `{"image": (1, P, P) float32}`. With `augment=True` the train split (never validation) returns
+each patch under a random symmetry of the square (rotation by k·90°, optional mirror), inverted with
+probability 1/2 and with its contrast about its mean scaled by exp(N(0, CONTRAST_LOG_STD²)), clipped to
+[0, 1] (clipping yields the saturated flat regions that drawings and phantoms have and photos rarely do).
 
 Held-out test patches (`heldout_patches`, read only by the quality report): cut the same way from the
 pictures of `training.data.images.HELDOUT_IMAGES`, which no split reads.
@@ -33,6 +36,7 @@ SCENES: tuple[str, ...] = (
     "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "text",
 )
 SPLITS = ("train", "val")
+CONTRAST_LOG_STD = 0.3
 MAX_SIDE = 512  # larger scenes (retina, hubble_deep_field) are shrunk first so no image dominates a split
 
 
@@ -73,8 +77,13 @@ def _grid_patches(image: np.ndarray, size: int, stride: int) -> np.ndarray:
                      for left in range(0, width - size + 1, stride)])
 
 
+FLAT_RANGE = 1.0 / 255  # a patch whose values span less than one 8-bit step has no content to reconstruct
+
+
 def heldout_patches(patch_size: int = 28, scales: tuple[float, ...] = (0.25, 0.5)) -> torch.Tensor:
-    """Patches of the held-out test pictures as (N, 1, P, P) float32 in [0, 1], in a fixed order."""
+    """Patches of the held-out test pictures as (N, 1, P, P) float32 in [0, 1], in a fixed order, without the
+    flat ones (value range < `FLAT_RANGE`: saturated regions of the logo and phantom): a flat patch that a
+    baseline copies exactly scores PSNR 100 dB (the MSE floor) and would decide a mean of per-patch PSNRs."""
     from training.data.images import HELDOUT_IMAGES, load_heldout_image
 
     stride = max(1, patch_size // 2)
@@ -85,6 +94,7 @@ def heldout_patches(patch_size: int = 28, scales: tuple[float, ...] = (0.25, 0.5
             shrunk = rescale(image, scale, anti_aliasing=True) if scale != 1 else image
             chunks.append(_grid_patches(shrunk, patch_size, stride))
     patches = np.concatenate(chunks).clip(0.0, 1.0)
+    patches = patches[np.ptp(patches, axis=(1, 2)) >= FLAT_RANGE]
     return torch.from_numpy(patches.astype(np.float32)).unsqueeze(1)
 
 
@@ -129,18 +139,39 @@ def build_patches(split: Literal["train", "val"] = "train", patch_size: int = 28
     return torch.from_numpy(patches.astype(np.float32)).unsqueeze(1)
 
 
+def augment_patch(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(C, P, P) in [0, 1] -> random dihedral symmetry, inversion (p = 1/2), contrast jitter, clipped."""
+    draws = torch.rand(3, generator=generator)
+    image = torch.rot90(image, int(draws[0] * 4), (-2, -1))
+    if draws[1] < 0.5:
+        image = image.flip(-1)
+    if draws[2] < 0.5:
+        image = 1.0 - image
+    gain = torch.exp(torch.randn((), generator=generator) * CONTRAST_LOG_STD)
+    mean = image.mean()
+    return ((image - mean) * gain + mean).clamp(0.0, 1.0)
+
+
 class ImagePatches(Dataset):
-    """Grayscale patches of the scikit-image images and LFW faces; items `{"image": (1, P, P)}`."""
+    """Grayscale patches of the scikit-image images and LFW faces; items `{"image": (1, P, P)}`.
+
+    `augment=True` applies `augment_patch` to every train item (draws from torch's global generator,
+    which the training loop seeds); the validation split is never augmented.
+    """
 
     def __init__(self, split: Literal["train", "val"] = "train", patch_size: int = 28,
                  scales: tuple[float, ...] = (0.25, 0.5), include_faces: bool = True,
-                 val_every: int = 5) -> None:
+                 val_every: int = 5, augment: bool = False) -> None:
+        if not isinstance(augment, bool):
+            raise ValueError(f"augment must be true or false; got {augment!r}")
         self.split = split
         self.patch_size = patch_size
+        self.augment = augment and split == "train"
         self.images = build_patches(split, patch_size, tuple(scales), include_faces, val_every)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[index]}
+        image = self.images[index]
+        return {"image": augment_patch(image) if self.augment else image}
