@@ -1,4 +1,4 @@
-"""The quality report's equal-size baselines: bicubic thumbnail, PCA and NMF."""
+"""The quality report's equal-size baselines (bicubic thumbnail, PCA, NMF) and the V3 render references."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from training.quality.baselines import SubspaceBaseline, bicubic_thumbnail, thumbnail_shape
+from training.quality.baselines import (
+    SubspaceBaseline,
+    bicubic_thumbnail,
+    render_bound,
+    rendered_subspace,
+    thumbnail_shape,
+)
 
 
 @pytest.mark.parametrize("latent", [16, 64, 256, 1024])
@@ -54,3 +60,22 @@ def test_subspace_baselines_rebuild_a_low_rank_matrix(kind: str, tolerance: floa
 def test_subspace_baseline_names_its_kind() -> None:
     with pytest.raises(ValueError, match="kind must be 'pca' or 'nmf'"):
         SubspaceBaseline("ica", 2)  # type: ignore[arg-type]
+
+
+def test_render_bound_is_exact_for_a_constant_and_improves_with_the_render_side() -> None:
+    flat = torch.full((2, 1, 50, 70), 0.3)
+    assert torch.allclose(render_bound(flat, 8), flat, atol=1e-6)
+    images = torch.rand(3, 1, 50, 70)
+    errors = [float((render_bound(images, side) - images).pow(2).mean()) for side in (4, 16, 64)]
+    assert errors[0] > errors[1] > errors[2]
+    assert render_bound(images, 16).shape == images.shape
+
+
+def test_rendered_subspace_with_enough_components_equals_the_render_bound() -> None:
+    """Items inside the span of the fitted components are rebuilt exactly at the render: the linear reference
+    then meets the architecture's bound; with fewer components it falls below it."""
+    images = torch.rand(6, 1, 30, 40)
+    bound = render_bound(images, 8)
+    assert torch.allclose(rendered_subspace(images, images, 6, 8), bound, atol=1e-4)
+    fewer = rendered_subspace(images, images, 2, 8)
+    assert float((fewer - images).pow(2).mean()) > float((bound - images).pow(2).mean()) + 1e-4

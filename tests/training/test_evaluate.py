@@ -94,6 +94,11 @@ def test_evaluate_writes_heldout_metrics_and_the_manifest_still_verifies(tiny_st
         assert 0 < model["psnr"] < 100 and -1 <= model["ssim"] <= 1
         assert all((out / p.split("/")[-1]).is_file() for p in heldout["figures"])
     assert report["v3-tiny"]["data"]["pictures"] == list(HELDOUT_IMAGES)
+    for name in ("v3-tiny", "v3-droplet-tiny"):  # the render bound and the linear reference explain a miss
+        bound, linear = report[name]["references"].values()
+        assert bound["values"] == 32 * 32 and linear["values"] == 128
+        assert bound["psnr"] >= linear["psnr"] > 0
+    assert "reference: PCA-128 at 32x32" in printed and "not a goal" in printed
     assert "lstm-heldout" in report["v3-droplet-tiny"]["data"]["split"]
     assert report["vae"]["methods"]["model"]["kl_nats"] >= 0 and (out / "vae-samples.png").is_file()
     assert main(["evaluate", "--store", str(tiny_store), "--out", str(out), "--only", "nope"]) == 2

@@ -11,13 +11,22 @@ import numpy as np
 import torch
 
 from training.quality.artifacts import StoreVersion
-from training.quality.baselines import SubspaceBaseline, bicubic_thumbnail, thumbnail_shape
+from training.quality.baselines import (
+    SubspaceBaseline,
+    bicubic_thumbnail,
+    render_bound,
+    rendered_subspace,
+    thumbnail_shape,
+)
 from training.quality.cross_material import evaluate_cross_material
-from training.quality.evaluation import Evaluation, compare_reconstructions, to_unit
+from training.quality.evaluation import Evaluation, compare_reconstructions, score, to_unit
 from training.quality.figures import image_grid
 
 CROPS_PER_PICTURE = 8      # V3: fixed crops of every held-out picture
 DROPLET_FRAMES = 40        # V3 trained on droplet videos: one frame of each of this many held-out videos
+# V3: the linear reference (PCA at the render size) fits on 60 M pixels of training crops/frames, at least
+# latent + 64 and at most 3 x latent of them (201x201 crops, latent 512: 1485; 152x1280 strips: 576)
+REFERENCE_TRAIN_PIXELS = 60_000_000
 SAMPLES_SEED = 0           # VAE prior samples
 
 
@@ -71,7 +80,8 @@ def evaluate_v3(version: StoreVersion, out_dir: Path, per_picture: int = CROPS_P
         name, thumbnail = _thumbnail(images, version.latent_size())
         examples = [int(i) for i in np.linspace(0, len(images) - 1, 3 if wide else 6)]
         sources = ["droplet frames"] * len(images)
-        return compare_reconstructions(version, images, {name: thumbnail}, data, out_dir, examples, sources)
+        evaluation = compare_reconstructions(version, images, {name: thumbnail}, data, out_dir, examples, sources)
+        return _with_render_references(version, images, evaluation)
     images, sources = heldout_crops(size, per_picture)
     name, thumbnail = _thumbnail(images, version.latent_size())
     data = {
@@ -82,9 +92,53 @@ def evaluate_v3(version: StoreVersion, out_dir: Path, per_picture: int = CROPS_P
         "what": f"{per_picture} fixed {size[0]}x{size[1]} crops of each bundled scikit-image picture that no "
         "training or validation split reads",
     }
-    return compare_reconstructions(
+    evaluation = compare_reconstructions(
         version, images, {name: thumbnail}, data, out_dir, _first_of_each(sources, 3 if wide else 6), sources
     )
+    return _with_render_references(version, images, evaluation)
+
+
+def _v3_training_items(version: StoreVersion, size: tuple[int, int], count: int) -> tuple[torch.Tensor, str]:
+    """`count` items of the data the version was trained on (its recipe's data options), and what they are."""
+    options = _train_data_options(version)
+    seed = int(version.manifest.training.get("train_config", {}).get("seed", 0))
+    if options.get("source") == "droplets":
+        from training.data.droplets import DropletFrames
+
+        view = options.get("view", "strip" if size[1] > 4 * size[0] else "crop")
+        frames = int(options.get("video_frames", 64))
+        dataset = DropletFrames("train", view, size, samples_per_epoch=count, seed=seed, video_frames=frames)
+        what = f"{count} training {view} frames (DropletFrames 'train')"
+    else:
+        from training.data.images import DEFAULT_VAL_IMAGES, SkimageCrops
+
+        val_images = tuple(options.get("val_images", DEFAULT_VAL_IMAGES))
+        augment = bool(options.get("augment", False))
+        dataset = SkimageCrops("train", size, count, val_images=val_images, seed=seed, augment=augment)
+        what = f"{count} training crops (SkimageCrops 'train', augment={augment})"
+    return torch.stack([dataset[i]["image"] for i in range(count)]), what
+
+
+def _with_render_references(version: StoreVersion, images: torch.Tensor, evaluation: Evaluation) -> Evaluation:
+    """Add `references`: the architecture's own bound (a perfect render at the decoder's square size,
+    enlarged as the decoder enlarges it) and the best linear code with as many values as the latent at that
+    render (PCA on training items). They say how far a missed goal is from what the design allows."""
+    side = int(version.rebuilt_model().config.rendered_size)
+    latent = version.latent_size()
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    count = min(3 * latent, max(latent + 64, REFERENCE_TRAIN_PIXELS // (size[0] * size[1])))
+    train, what = _v3_training_items(version, size, count)
+    outputs = {
+        f"bound: perfect {side}x{side} render": (render_bound(images, side), side * side,
+                                                 "the decoder's render, exact"),
+        f"reference: PCA-{latent} at {side}x{side}": (rendered_subspace(train, images, latent, side), latent,
+                                                    f"linear code fitted on {what}"),
+    }
+    evaluation.extra["references"] = {
+        name: {"values": values, **score(images, estimate)[0], "what": note}
+        for name, (estimate, values, note) in outputs.items()
+    }
+    return evaluation
 
 
 def evaluate_stem(version: StoreVersion, out_dir: Path) -> Evaluation:

@@ -5,6 +5,9 @@
   round(sqrt(values)) (a 512-value latent -> 23 x 23 = 529 pixels); `thumbnail_shape` gives the shape.
 * `SubspaceBaseline`: PCA or NMF (scikit-learn) with as many components as the latent, fitted on training
   data; an item is stored as its component coefficients and rebuilt from them.
+* `render_bound` and `rendered_subspace`: references for a decoder that renders a small square and resizes
+  it (the V3 family): the best any such decoder can do (a perfect render), and the best linear code of a
+  given size at that render (PCA fitted on training items). They explain a missed goal; they are not goals.
 """
 
 from __future__ import annotations
@@ -81,3 +84,26 @@ class SubspaceBaseline:
             codes = self.encode(items)
         flat = self.model.inverse_transform(codes) if self.kind == "pca" else codes @ self.model.components_
         return flat.reshape(np.shape(items)).astype(np.float32)
+
+
+def _render(images: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, side, side), anti-aliased bilinear."""
+    return F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _resize_back(rendered: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A side x side render enlarged to `size` the way the V3 decoder does (bilinear), clamped to [0, 1]."""
+    return F.interpolate(rendered, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+
+
+def render_bound(images: torch.Tensor, side: int) -> torch.Tensor:
+    """The reconstruction of a decoder whose side x side render is perfect (the images shrunk to it)."""
+    return _resize_back(_render(images, side), tuple(images.shape[-2:]))
+
+
+def rendered_subspace(train: torch.Tensor, images: torch.Tensor, components: int, side: int) -> torch.Tensor:
+    """PCA with `components` components fitted on the training items shrunk to side x side: the images
+    coded, rebuilt at that render and enlarged back."""
+    baseline = SubspaceBaseline("pca", components).fit(_render(train, side).numpy())
+    rebuilt = torch.from_numpy(baseline.reconstruct(_render(images, side).numpy()))
+    return _resize_back(rebuilt, tuple(images.shape[-2:]))

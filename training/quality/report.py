@@ -137,6 +137,9 @@ def _rows(name: str, record: dict[str, Any]) -> list[str]:
             f"{_goal_text(record['goal']) if method == 'model' else ''} |"
         )
         name, data = "", ""
+    for method, row in record.get("references", {}).items():
+        lines.append(f"|  |  | {method} | {row['values']} | {_number(row['psnr'], 2)} | {_number(row['ssim'], 3)} | "
+                     f"{row['what']} | not a goal |")
     if record.get("cross_material"):
         lines += _rows("", record["cross_material"])
     return lines
