@@ -5,7 +5,8 @@ Top-level keys: `schema`, `created` (ISO time), `machine` (cores, CPU, load aver
 model, op, request, answer), `engine` (name -> `bench.engine.Ceiling.to_json()`), `servers` (server ->
 ready_s, peak_rss_bytes, workloads: name -> {identical, phases: [{concurrency, rate, p50_ms, p99_ms,
 errors, answered_2xx, seconds}]}), `skipped` (peer -> why), `cold_start_s`, `rss_peak_bytes`,
-`diffusion` (bench.diffusion_batching's result, or null) and `goals` (bench.goals rows).
+`diffusion` (bench.diffusion_batching's result, or null) and `goals` (bench.goals rows); optional `floor`
+(workload -> the harness floor's phase at one client: a server answering a fixed answer without work).
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ def figures_table(results: dict[str, Any]) -> str:
             errors = str(sum(p["errors"] for p in figures["phases"]))
             identical = "yes" if figures["identical"].get("identical") else "NO"
             rows.append([f"  {server}", *rates, *lat, errors, identical])
+        floor = (results.get("floor") or {}).get(name)
+        if floor:  # the harness floor: one client, a fixed answer, no work
+            blank = ["-"] * len(concurrencies)
+            rows.append(["  (floor)", _num(floor["rate"]), *blank[1:], _num(floor["p50_ms"]), "-", "-",
+                         str(floor["errors"]), "-"])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += [
             "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))

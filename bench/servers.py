@@ -170,6 +170,15 @@ def unavailable(kind: str) -> str | None:
     return None
 
 
+def start_floor(specs_file: Path, log_dir: Path) -> Server:
+    """The harness floor: the plain FastAPI peer answering a fixed answer without work (`--floor`)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "bench.peers.plain_fastapi", "--specs", str(specs_file), "--port", str(port)]
+    cmd.append("--floor")
+    return launch("floor", cmd, env, port, ["/healthz"], log_dir)
+
+
 def start_peer(kind: str, specs_file: Path, specs: list[PeerSpec], log_dir: Path) -> Server:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -14,6 +14,7 @@ In one run on one machine, one thing at a time:
    counted, equal for every phase; then the diffusion step-batching figure (`bench.diffusion_batching`)
    and its peak RSS (VmHWM of its process tree) at the end;
 4. each peer (`bench/peers/`: plain FastAPI always, LitServe and PyTriton when installed), the same way;
+   then the harness floor (`plain_fastapi --floor`: a fixed answer, no work) at one client per workload;
 5. the goals (`bench.goals`), printed beside the figures, and the JSON document (`bench.report`).
 """
 
@@ -36,7 +37,16 @@ from bench.goals import evaluate, goals_table
 from bench.loadgen import load, pick_client
 from bench.peers.common import write_specs
 from bench.report import SCHEMA, figures_table, write
-from bench.servers import PEERS, Server, request_for, sample_answer, start_aeserve, start_peer, unavailable
+from bench.servers import (
+    PEERS,
+    Server,
+    request_for,
+    sample_answer,
+    start_aeserve,
+    start_floor,
+    start_peer,
+    unavailable,
+)
 from bench.workloads import WORKLOADS, Prepared, compare, latest, prepare
 
 CONCURRENCY = (1, 8, 32, 64)
@@ -162,6 +172,16 @@ def bench_peer(kind: str, prepared: list[Prepared], args: argparse.Namespace, lo
         server.stop()
 
 
+def bench_floor(prepared: list[Prepared], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    """The harness floor's phase at one client per workload: what the client and HTTP cost without work."""
+    server = start_floor(write_specs([item.spec for item in prepared], logs / "specs.json"), logs)
+    try:
+        return {item.workload.name: measure_phase(server, item, 1, args.ceilings[item.workload.name], args)
+                for item in prepared}
+    finally:
+        server.stop()
+
+
 def machine() -> dict[str, Any]:
     model = (
         next(
@@ -234,6 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["servers"][kind] = bench_peer(kind, prepared, args, logs)
             except RuntimeError as exc:
                 results["skipped"][kind] = f"failed: {exc}; log: {(logs / f'{kind}.log').read_text()[-1500:]}"
+        results["floor"] = bench_floor(prepared, args, logs)
     aeserve = results["servers"]["aeserve"]
     results["cold_start_s"], results["rss_peak_bytes"] = aeserve["ready_s"], aeserve["peak_rss_bytes"]
     results["goals"] = [goal.to_json() for goal in evaluate(results)]

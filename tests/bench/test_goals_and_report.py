@@ -147,3 +147,20 @@ def test_results_document_is_strict_json(tmp_path: Path) -> None:
     doc["goals"] = [g.to_json() for g in evaluate(doc)]
     text = write(doc, tmp_path / "latest.json").read_text()
     assert json.loads(text)["engine"]["light"]["batch1_ms"] is None and "NaN" not in text
+
+
+def test_the_harness_floor_separates_what_the_service_adds_at_one_client() -> None:
+    """p50 at C=1 is 1.5 ms over an engine batch-1 of 1.0 ms; a floor of 0.3 ms (client + HTTP, no work) leaves
+    0.2 ms to the service; without a clean floor phase the context row is N/A, never a pass."""
+    doc = results()
+    name = "(context) p50 at C=1 - harness floor - engine batch-1"
+    assert by_goal(doc)[name] == "N/A"
+    doc["floor"] = {"light": phase(1, 900.0, 0.3, 0.5)}
+    row = {g.goal: g for g in evaluate(doc)}[name]
+    assert row.status == "PASS" and row.value == pytest.approx(0.2) and row.figure == "1.50 - 0.30 - 1.00 = +0.20 ms"
+    doc["servers"]["aeserve"]["workloads"]["light"]["phases"][0]["p50_ms"] = 3.0
+    assert by_goal(doc)[name] == "MISS"  # 3.0 - 0.3 - 1.0 = 1.7 ms
+    doc["floor"]["light"]["errors"] = 2
+    assert by_goal(doc)[name] == "N/A"
+    floor_row = next(line for line in figures_table(doc).splitlines() if "(floor)" in line)
+    assert floor_row.split()[1:3] == ["900.0", "-"] and "0.3" in floor_row.split()

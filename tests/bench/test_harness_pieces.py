@@ -19,7 +19,7 @@ from PIL import Image
 from app import codecs
 from bench.engine import Ceiling, Measurement, time_calls
 from bench.loadgen import load, wrk_script
-from bench.peers.common import decode_answer, decode_request, encode_answer
+from bench.peers.common import PeerSpec, decode_answer, decode_request, encode_answer
 from bench.peers.triton_protocol import HEADER_LENGTH, OUTPUT, bytes_element, infer_answer, infer_request
 from bench.servers import peak_rss_bytes, process_tree
 
@@ -162,12 +162,10 @@ def test_peak_rss_covers_the_process_tree() -> None:
         child.wait()
 
 
-def test_the_codec_ceiling_decodes_runs_and_encodes_every_item(tmp_path, monkeypatch) -> None:
+def identity_spec(tmp_path) -> PeerSpec:
+    """A workload whose ONNX file passes an 8x8 image through: PNG in, the same pixels out."""
     import onnx
     from onnx import TensorProto, helper
-
-    from bench import engine
-    from bench.peers.common import PeerSpec
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])], "identity",
@@ -176,7 +174,13 @@ def test_the_codec_ceiling_decodes_runs_and_encodes_every_item(tmp_path, monkeyp
     )
     path = tmp_path / "identity.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    spec = PeerSpec("t", "/v1/models/t/op", str(path), "x", "y", "png", "png")
+    return PeerSpec("t", "/v1/models/t/op", str(path), "x", "y", "png", "png")
+
+
+def test_the_codec_ceiling_decodes_runs_and_encodes_every_item(tmp_path, monkeypatch) -> None:
+    from bench import engine
+
+    spec = identity_spec(tmp_path)
     pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     body = png(pixels)
     seen: list[int] = []
@@ -197,3 +201,31 @@ def test_the_codec_ceiling_decodes_runs_and_encodes_every_item(tmp_path, monkeyp
                                                                                            False)
     assert set(seen) == {4} and found.items_per_s > 0 and found.items_per_s != layout.items_per_s
     assert found.label == "onnx+codecs 2x1t b4"
+
+
+def test_the_harness_floor_answers_the_first_answer_again_without_work(tmp_path, monkeypatch) -> None:
+    """The floor server runs the workload once (the answer a client expects), then only reads bodies and
+    returns those bytes: its latency is the client's and HTTP's alone. The plain peer works every time."""
+    from fastapi.testclient import TestClient
+
+    from bench.peers import plain_fastapi
+
+    spec = identity_spec(tmp_path)
+    calls: list[int] = []
+    real = plain_fastapi.answer_batch
+
+    def counting(spec_, session, bodies):
+        calls.append(len(bodies))
+        return real(spec_, session, bodies)
+
+    monkeypatch.setattr(plain_fastapi, "answer_batch", counting)
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    headers = {"Content-Type": spec.content_type, "Accept": spec.accept}
+    with TestClient(plain_fastapi.create_app([spec], floor=True)) as floor:
+        answers = [floor.post(spec.route, content=png(pixels), headers=headers) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3 and calls == [1]
+    assert answers[0].headers["content-type"] == "image/png" and len({a.content for a in answers}) == 1
+    np.testing.assert_array_equal(decode_answer("png", answers[2].content), pixels)
+    with TestClient(plain_fastapi.create_app([spec])) as plain:
+        assert all(plain.post(spec.route, content=png(pixels), headers=headers).status_code == 200 for _ in range(2))
+    assert calls == [1, 1, 1]
