@@ -99,6 +99,8 @@ def test_evaluate_writes_heldout_metrics_and_the_manifest_still_verifies(tiny_st
         assert bound["values"] == 32 * 32 and linear["values"] == 128
         assert bound["psnr"] >= linear["psnr"] > 0
     assert "reference: PCA-128 at 32x32" in printed and "not a goal" in printed
+    (vae_linear,) = report["vae"]["references"].values()  # the best linear code of the VAE's 32 values
+    assert vae_linear["values"] == 32 and 10 < vae_linear["psnr"] < 40
     assert "lstm-heldout" in report["v3-droplet-tiny"]["data"]["split"]
     assert report["vae"]["methods"]["model"]["kl_nats"] >= 0 and (out / "vae-samples.png").is_file()
     assert main(["evaluate", "--store", str(tiny_store), "--out", str(out), "--only", "nope"]) == 2

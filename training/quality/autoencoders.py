@@ -185,7 +185,7 @@ def evaluate_stem(version: StoreVersion, out_dir: Path) -> Evaluation:
 def evaluate_vae(version: StoreVersion, out_dir: Path) -> Evaluation:
     """Patches of the held-out pictures: reconstruction vs the bicubic thumbnail, KL, prior samples."""
     from training.data.images import HELDOUT_IMAGES
-    from training.data.patches import heldout_patches
+    from training.data.patches import ImagePatches, heldout_patches
     from training.losses.conv_decoder import kl_divergence
 
     size = version.manifest.preprocessing.input_size
@@ -203,6 +203,16 @@ def evaluate_vae(version: StoreVersion, out_dir: Path) -> Evaluation:
     sources = ["patches"] * len(images)
     evaluation = compare_reconstructions(version, images, {name: thumbnail}, data, out_dir, examples, sources)
     evaluation.extra.pop("psnr_by_source")
+    options = {k: v for k, v in _train_data_options(version).items() if k in ("include_faces", "val_every")}
+    train = ImagePatches("train", size[0], scales, **options).images  # the training patches, unaugmented
+    linear = SubspaceBaseline("pca", version.latent_size()).fit(train.numpy())
+    rebuilt = torch.from_numpy(linear.reconstruct(images.numpy())).clamp(0.0, 1.0)
+    evaluation.extra["references"] = {  # what the best linear code of the latent's size reaches: not a goal
+        f"reference: PCA-{linear.n_components}": {
+            "values": linear.n_components, **score(images, rebuilt)[0],
+            "what": f"linear code fitted on the {len(train)} training patches (ImagePatches 'train')",
+        }
+    }
     model = version.rebuilt_model()
     with torch.no_grad():
         stats = [model.encode_stats(chunk) for chunk in images.split(512)]
