@@ -71,6 +71,18 @@ def test_render_bound_is_exact_for_a_constant_and_improves_with_the_render_side(
     assert render_bound(images, 16).shape == images.shape
 
 
+def test_render_bound_reproduces_a_bilinear_enlargement_and_beats_a_shrunk_render() -> None:
+    """An image that is a bilinearly enlarged render comes back exactly; for others the least-squares render
+    is at least as close as the anti-aliased shrink enlarged again."""
+    render = torch.rand(2, 1, 8, 8) * 0.5 + 0.25
+    enlarged = torch.nn.functional.interpolate(render, size=(37, 53), mode="bilinear", align_corners=False)
+    assert torch.allclose(render_bound(enlarged, 8), enlarged, atol=1e-5)
+    images = torch.rand(3, 1, 37, 53)
+    shrunk = torch.nn.functional.interpolate(images, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+    naive = torch.nn.functional.interpolate(shrunk, size=(37, 53), mode="bilinear", align_corners=False)
+    assert float((render_bound(images, 8) - images).pow(2).mean()) < float((naive - images).pow(2).mean())
+
+
 def test_rendered_subspace_with_enough_components_equals_the_render_bound() -> None:
     """Items inside the span of the fitted components are rebuilt exactly at the render: the linear reference
     then meets the architecture's bound; with fewer components it falls below it."""

@@ -120,7 +120,7 @@ def _v3_training_items(version: StoreVersion, size: tuple[int, int], count: int)
 
 
 def _with_render_references(version: StoreVersion, images: torch.Tensor, evaluation: Evaluation) -> Evaluation:
-    """Add `references`: the architecture's own bound (a perfect render at the decoder's square size,
+    """Add `references`: the architecture's own bound (the least-squares render at the decoder's square size,
     enlarged as the decoder enlarges it) and the best linear code with as many values as the latent at that
     render (PCA on training items). They say how far a missed goal is from what the design allows."""
     side = int(version.rebuilt_model().config.rendered_size)
@@ -129,8 +129,8 @@ def _with_render_references(version: StoreVersion, images: torch.Tensor, evaluat
     count = min(3 * latent, max(latent + 64, REFERENCE_TRAIN_PIXELS // (size[0] * size[1])))
     train, what = _v3_training_items(version, size, count)
     outputs = {
-        f"bound: perfect {side}x{side} render": (render_bound(images, side), side * side,
-                                                 "the decoder's render, exact"),
+        f"bound: best {side}x{side} render": (render_bound(images, side), side * side,
+                                              "least-squares render, enlarged as the decoder does"),
         f"reference: PCA-{latent} at {side}x{side}": (rendered_subspace(train, images, latent, side), latent,
                                                     f"linear code fitted on {what}"),
     }

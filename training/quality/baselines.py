@@ -5,9 +5,9 @@
   round(sqrt(values)) (a 512-value latent -> 23 x 23 = 529 pixels); `thumbnail_shape` gives the shape.
 * `SubspaceBaseline`: PCA or NMF (scikit-learn) with as many components as the latent, fitted on training
   data; an item is stored as its component coefficients and rebuilt from them.
-* `render_bound` and `rendered_subspace`: references for a decoder that renders a small square and resizes
-  it (the V3 family): the best any such decoder can do (a perfect render), and the best linear code of a
-  given size at that render (PCA fitted on training items). They explain a missed goal; they are not goals.
+* `render_bound` and `rendered_subspace`: references for a decoder that renders a small square and enlarges it
+  bilinearly (the V3 family): the best any such decoder can do (the least-squares render), and the best linear
+  code of a given size at that render (PCA fitted on training items). They explain a missed goal, not goals.
 """
 
 from __future__ import annotations
@@ -86,24 +86,36 @@ class SubspaceBaseline:
         return flat.reshape(np.shape(items)).astype(np.float32)
 
 
-def _render(images: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, side, side), anti-aliased bilinear."""
-    return F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+def _upsampling(side: int, length: int) -> torch.Tensor:
+    """(length, side): 1-D linear interpolation from `side` samples to `length` (align_corners=False), the
+    factor of the decoder's separable bilinear resize along one axis."""
+    basis = torch.eye(side, dtype=torch.float64)[:, None, :]
+    return F.interpolate(basis, size=length, mode="linear", align_corners=False)[:, 0, :].T
 
 
-def _resize_back(rendered: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A side x side render enlarged to `size` the way the V3 decoder does (bilinear), clamped to [0, 1]."""
-    return F.interpolate(rendered, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+def _render_coordinates(images: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every image a side x side render can become through the bilinear enlargement (image = U_h @ render @
+    U_w.T) lies in the span of Q_h ⊗ Q_w, the orthonormal factors of U_h and U_w: the images' coordinates
+    Q_h.T @ image @ Q_w there (side x side, distances as in the image) and the two factors."""
+    q_h = torch.linalg.qr(_upsampling(side, images.shape[-2]))[0]
+    q_w = torch.linalg.qr(_upsampling(side, images.shape[-1]))[0]
+    return q_h.T @ images.double() @ q_w, q_h, q_w
+
+
+def _enlarge(coordinates: torch.Tensor, q_h: torch.Tensor, q_w: torch.Tensor) -> torch.Tensor:
+    return (q_h @ coordinates.double() @ q_w.T).float().clamp(0.0, 1.0)
 
 
 def render_bound(images: torch.Tensor, side: int) -> torch.Tensor:
-    """The reconstruction of a decoder whose side x side render is perfect (the images shrunk to it)."""
-    return _resize_back(_render(images, side), tuple(images.shape[-2:]))
+    """The best reconstruction any decoder that renders side x side and enlarges it bilinearly can give: each
+    image's least-squares projection onto what such enlargements can show (clamped to [0, 1], which only
+    brings it closer)."""
+    return _enlarge(*_render_coordinates(images, side))
 
 
 def rendered_subspace(train: torch.Tensor, images: torch.Tensor, components: int, side: int) -> torch.Tensor:
-    """PCA with `components` components fitted on the training items shrunk to side x side: the images
-    coded, rebuilt at that render and enlarged back."""
-    baseline = SubspaceBaseline("pca", components).fit(_render(train, side).numpy())
-    rebuilt = torch.from_numpy(baseline.reconstruct(_render(images, side).numpy()))
-    return _resize_back(rebuilt, tuple(images.shape[-2:]))
+    """The best linear code of `components` values for such a decoder: PCA fitted on the training items'
+    coordinates in the enlargements' span (image-space distances), the images coded, rebuilt and enlarged."""
+    baseline = SubspaceBaseline("pca", components).fit(_render_coordinates(train, side)[0].numpy())
+    coordinates, q_h, q_w = _render_coordinates(images, side)
+    return _enlarge(torch.from_numpy(baseline.reconstruct(coordinates.numpy())), q_h, q_w)
