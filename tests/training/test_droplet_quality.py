@@ -18,9 +18,10 @@ from training.registry import create_model
 
 RECIPES = Path(__file__).resolve().parents[2] / "model_store" / "recipes"
 # recipe file -> (frames checked, margin over the thumbnail in dB that the committed weights must keep). The
-# report's 40 held-out frames measured +5.8 dB for the crops (4.6..7.3 dB per frame on these 8): the bound
-# leaves room for other CPUs' float rounding and the smaller sample.
-DROPLET_RECIPES = {"15-v3-droplet-201.yaml": (8, 3.0)}
+# report's 40 held-out frames measured +5.8 dB for the crops (4.6..7.3 dB per frame on these 8) and +2.25 dB
+# for the strips (1.2..3.0 per frame, +2.27 on these 4): the bounds leave room for other CPUs' float rounding
+# and the smaller samples; the strips' is the issue's target (+1 dB).
+DROPLET_RECIPES = {"15-v3-droplet-201.yaml": (8, 3.0), "25-v3-droplet-1280x152.yaml": (4, 1.0)}
 
 
 @pytest.mark.parametrize(("recipe_file", "frames", "margin_db"),
