@@ -98,24 +98,17 @@ def evaluate_v3(version: StoreVersion, out_dir: Path, per_picture: int = CROPS_P
     return _with_render_references(version, images, evaluation)
 
 
-def _v3_training_items(version: StoreVersion, size: tuple[int, int], count: int) -> tuple[torch.Tensor, str]:
-    """`count` items of the data the version was trained on (its recipe's data options), and what they are."""
-    options = _train_data_options(version)
-    seed = int(version.manifest.training.get("train_config", {}).get("seed", 0))
-    if options.get("source") == "droplets":
-        from training.data.droplets import DropletFrames
+def _v3_training_items(version: StoreVersion, model: torch.nn.Module, count: int) -> tuple[torch.Tensor, str]:
+    """`count` items of the training split the version was trained on: its training task's own data set, built
+    from the manifest's train config (the recipe's data options) with `count` samples, at epoch 0."""
+    from training.config import TrainConfig
+    from training.tasks import default_config, task_for_model
 
-        view = options.get("view", "strip" if size[1] > 4 * size[0] else "crop")
-        frames = int(options.get("video_frames", 64))
-        dataset = DropletFrames("train", view, size, samples_per_epoch=count, seed=seed, video_frames=frames)
-        what = f"{count} training {view} frames (DropletFrames 'train')"
-    else:
-        from training.data.images import DEFAULT_VAL_IMAGES, SkimageCrops
-
-        val_images = tuple(options.get("val_images", DEFAULT_VAL_IMAGES))
-        augment = bool(options.get("augment", False))
-        dataset = SkimageCrops("train", size, count, val_images=val_images, seed=seed, augment=augment)
-        what = f"{count} training crops (SkimageCrops 'train', augment={augment})"
+    recorded = version.manifest.training.get("train_config") or {}
+    raw = {**default_config(version.manifest.architecture).to_dict(), **recorded}
+    config = TrainConfig.from_dict({**raw, "data": {**raw.get("data", {}), "samples_per_epoch": count}})
+    dataset = task_for_model(model).datasets(model, config)[0]
+    what = f"{count} items of its training split ({type(dataset).__name__} 'train')"
     return torch.stack([dataset[i]["image"] for i in range(count)]), what
 
 
@@ -123,11 +116,11 @@ def _with_render_references(version: StoreVersion, images: torch.Tensor, evaluat
     """Add `references`: the architecture's own bound (the least-squares render at the decoder's square size,
     enlarged as the decoder enlarges it) and the best linear code with as many values as the latent at that
     render (PCA on training items). They say how far a missed goal is from what the design allows."""
-    side = int(version.rebuilt_model().config.rendered_size)
+    model = version.rebuilt_model()
+    side = int(model.config.rendered_size)
     latent = version.latent_size()
-    size = (int(images.shape[-2]), int(images.shape[-1]))
-    count = min(3 * latent, max(latent + 64, REFERENCE_TRAIN_PIXELS // (size[0] * size[1])))
-    train, what = _v3_training_items(version, size, count)
+    count = min(3 * latent, max(latent + 64, REFERENCE_TRAIN_PIXELS // (images.shape[-2] * images.shape[-1])))
+    train, what = _v3_training_items(version, model, count)
     outputs = {
         f"bound: best {side}x{side} render": (render_bound(images, side), side * side,
                                               "least-squares render, enlarged as the decoder does"),
