@@ -98,18 +98,16 @@ def evaluate_v3(version: StoreVersion, out_dir: Path, per_picture: int = CROPS_P
     return _with_render_references(version, images, evaluation)
 
 
-def _v3_training_items(version: StoreVersion, model: torch.nn.Module, count: int) -> tuple[torch.Tensor, str]:
-    """`count` items of the training split the version was trained on: its training task's own data set, built
-    from the manifest's train config (the recipe's data options) with `count` samples, at epoch 0."""
+def _training_split(version: StoreVersion, model: torch.nn.Module, **data_changes: Any) -> Any:
+    """The training split the version was trained on: its training task's own data set, built from the
+    manifest's train config (the recipe's data options, with `data_changes`), at epoch 0."""
     from training.config import TrainConfig
     from training.tasks import default_config, task_for_model
 
     recorded = version.manifest.training.get("train_config") or {}
     raw = {**default_config(version.manifest.architecture).to_dict(), **recorded}
-    config = TrainConfig.from_dict({**raw, "data": {**raw.get("data", {}), "samples_per_epoch": count}})
-    dataset = task_for_model(model).datasets(model, config)[0]
-    what = f"{count} items of its training split ({type(dataset).__name__} 'train')"
-    return torch.stack([dataset[i]["image"] for i in range(count)]), what
+    config = TrainConfig.from_dict({**raw, "data": {**raw.get("data", {}), **data_changes}})
+    return task_for_model(model).datasets(model, config)[0]
 
 
 def _with_render_references(version: StoreVersion, images: torch.Tensor, evaluation: Evaluation) -> Evaluation:
@@ -120,7 +118,9 @@ def _with_render_references(version: StoreVersion, images: torch.Tensor, evaluat
     side = int(model.config.rendered_size)
     latent = version.latent_size()
     count = min(3 * latent, max(latent + 64, REFERENCE_TRAIN_PIXELS // (images.shape[-2] * images.shape[-1])))
-    train, what = _v3_training_items(version, model, count)
+    dataset = _training_split(version, model, samples_per_epoch=count)
+    train = torch.stack([dataset[i]["image"] for i in range(count)])
+    what = f"{count} items of its training split ({type(dataset).__name__} 'train')"
     outputs = {
         f"bound: best {side}x{side} render": (render_bound(images, side), side * side,
                                               "least-squares render, enlarged as the decoder does"),
@@ -178,7 +178,7 @@ def evaluate_stem(version: StoreVersion, out_dir: Path) -> Evaluation:
 def evaluate_vae(version: StoreVersion, out_dir: Path) -> Evaluation:
     """Patches of the held-out pictures: reconstruction vs the bicubic thumbnail, KL, prior samples."""
     from training.data.images import HELDOUT_IMAGES
-    from training.data.patches import ImagePatches, heldout_patches
+    from training.data.patches import heldout_patches
     from training.losses.conv_decoder import kl_divergence
 
     size = version.manifest.preprocessing.input_size
@@ -196,8 +196,8 @@ def evaluate_vae(version: StoreVersion, out_dir: Path) -> Evaluation:
     sources = ["patches"] * len(images)
     evaluation = compare_reconstructions(version, images, {name: thumbnail}, data, out_dir, examples, sources)
     evaluation.extra.pop("psnr_by_source")
-    options = {k: v for k, v in _train_data_options(version).items() if k in ("include_faces", "val_every")}
-    train = ImagePatches("train", size[0], scales, **options).images  # the training patches, unaugmented
+    model = version.rebuilt_model()
+    train = _training_split(version, model).images  # the training patches, unaugmented
     linear = SubspaceBaseline("pca", version.latent_size()).fit(train.numpy())
     rebuilt = torch.from_numpy(linear.reconstruct(images.numpy())).clamp(0.0, 1.0)
     evaluation.extra["references"] = {  # what the best linear code of the latent's size reaches: not a goal
@@ -206,7 +206,6 @@ def evaluate_vae(version: StoreVersion, out_dir: Path) -> Evaluation:
             "what": f"linear code fitted on the {len(train)} training patches (ImagePatches 'train')",
         }
     }
-    model = version.rebuilt_model()
     with torch.no_grad():
         stats = [model.encode_stats(chunk) for chunk in images.split(512)]
     mu, logvar = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
