@@ -170,20 +170,12 @@ def unavailable(kind: str) -> str | None:
     return None
 
 
-def start_floor(specs_file: Path, log_dir: Path) -> Server:
-    """The harness floor: the plain FastAPI peer answering a fixed answer without work (`--floor`)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "bench.peers.plain_fastapi", "--specs", str(specs_file), "--port", str(port)]
-    cmd.append("--floor")
-    return launch("floor", cmd, env, port, ["/healthz"], log_dir)
-
-
 def start_peer(kind: str, specs_file: Path, specs: list[PeerSpec], log_dir: Path) -> Server:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     module = {
         "plain": "bench.peers.plain_fastapi",
+        "floor": "bench.peers.plain_fastapi",  # the harness floor: the plain peer with --floor
         "litserve": "bench.peers.litserve_peer",
         "triton": "bench.peers.triton_peer",
     }[kind]
@@ -191,11 +183,14 @@ def start_peer(kind: str, specs_file: Path, specs: list[PeerSpec], log_dir: Path
     cmd = [python, "-m", module, "--specs", str(specs_file), "--port", str(port)]
     ready = {
         "plain": ["/healthz"],
+        "floor": ["/healthz"],
         "litserve": ["/health"],
         "triton": [f"/v2/models/{s.triton_name}/ready" for s in specs],
     }[kind]
     if kind == "triton":
         cmd += ["--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    if kind == "floor":
+        cmd.append("--floor")
     return launch(kind, cmd, env, port, ready, log_dir)
 
 

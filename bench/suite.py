@@ -43,7 +43,6 @@ from bench.servers import (
     request_for,
     sample_answer,
     start_aeserve,
-    start_floor,
     start_peer,
     unavailable,
 )
@@ -174,7 +173,8 @@ def bench_peer(kind: str, prepared: list[Prepared], args: argparse.Namespace, lo
 
 def bench_floor(prepared: list[Prepared], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     """The harness floor's phase at one client per workload: what the client and HTTP cost without work."""
-    server = start_floor(write_specs([item.spec for item in prepared], logs / "specs.json"), logs)
+    specs = [item.spec for item in prepared]
+    server = start_peer("floor", write_specs(specs, logs / "specs.json"), specs, logs)
     try:
         return {item.workload.name: measure_phase(server, item, 1, args.ceilings[item.workload.name], args)
                 for item in prepared}
