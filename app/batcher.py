@@ -8,24 +8,25 @@ of N frames counts N, is split into chunks of at most the op's batch limit (the 
 flushes when it holds a full batch, when its first item has waited `max_delay_s`, or - with
 `idle_start` - as soon as an instance is free and no more requests for the op are on their way (being
 read or decoded: `expecting`), so a lone request never waits, the next batch collects during a run, and
-under load a batch waits the few ms it takes the requests being decoded to join it. Batches are
-concatenated along axis 0 and split back by offsets in the worker thread; results go to each request's
-own future. Items past their deadline (504; absolute, on the loop clock) or whose client left (cancelled
-future) are dropped before running. An op may need a one-off load (a program loaded at first use): it
-runs in a thread of its own when the op is first submitted, so the model's other ops keep running.
+under load a batch waits the few ms it takes the requests being decoded to join it. A batch that is the
+engine's only work (nothing else running, queued or on its way) runs on the op's `run_alone` when it has
+one (every core instead of one instance's share). Batches are concatenated along axis 0 and split back
+by offsets in the worker thread; results go to each request's own future. Items past their deadline
+(504; absolute, on the loop clock) or whose client left (cancelled future) are dropped before running.
+An op may need a one-off load (a program loaded at first use): it runs in a thread of its own when the
+op is first submitted, so the model's other ops keep running.
 
 Faults: a batch that raises is re-run in halves (`app.scheduling.isolate_failures`, at most 2n - 1
 runs for n request chunks, re-runs counted in `aeserve_batch_retries_total`) until each failure is
-one request chunk alone: healthy requests get their answers, a request whose chunk fails alone gets
-`EngineError` (500, no internals in its message; the cause is logged). A crashed scheduler is
-restarted or reported (`app.scheduling.WorkerLoop`): callers get 503, never a silent 504.
+one request chunk alone: healthy requests get their answers, one whose chunk fails alone gets
+`EngineError` (500, no internals; the cause is logged). A crashed scheduler is restarted or reported
+(`app.scheduling.WorkerLoop`): callers get 503, never a silent 504.
 
 Bounds (each a 429 `QueueFull` with Retry-After, counted in `aeserve_rejections_total`): a request
 that would overfill a non-empty queue beyond `max_queue_items` frames; one that does not fit the
-`app.admission.ItemBudget` shared by every engine (frames queued in all queues of all engines
-together); one that would open a queue beyond `max_queues` distinct (op, signature) queues. Queues
-left empty are pruned at the scheduler's next pass, so idle shapes cost nothing.
-An op without inputs (a fixed render) runs once per request and is never batched.
+`app.admission.ItemBudget` shared by every engine; one that would open a queue beyond `max_queues`
+distinct (op, signature) queues (empty ones are pruned at the scheduler's next pass). An op without
+inputs (a fixed render) runs once per request and is never batched.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ from typing import Any
 import numpy as np
 
 from app.admission import ItemBudget, shed
+from app.batch_arrays import Arrays, run_batch, split_sizes
 from app.errors import DeadlineExceeded, EngineError, ShuttingDown
 from app.metrics import BATCH_RETRIES, BATCH_SIZE, COMPUTE_DURATION, QUEUE_DEPTH, QUEUE_WAIT
+from app.runtime.base import RunFn
 from app.scheduling import ErrorFactory, WorkerLoop, fail_unanswered, isolate_failures, settle_if_expired
 
 log = logging.getLogger(__name__)
 
-Arrays = dict[str, np.ndarray]
-RunFn = Callable[[Arrays], Arrays]
 
 
 @dataclass(eq=False)
@@ -83,6 +84,7 @@ class _Queue:
     max_batch: int
     has_inputs: bool
     metrics: _OpMetrics
+    run_alone: RunFn | None = None
     items: deque[_Item] = field(default_factory=deque)
     queued: int = 0  # frames waiting (live or not yet purged)
 
@@ -94,33 +96,7 @@ class _OpEntry:
     has_inputs: bool
     metrics: _OpMetrics
     load: Callable[[], None] | None = None  # run once, in a thread of its own, before the op's first item
-
-
-def split_sizes(total: int, max_batch: int) -> list[int]:
-    """Chunk sizes of a request of `total` frames: full chunks of `max_batch`, then the rest."""
-    sizes = [max_batch] * (total // max_batch)
-    if total % max_batch:
-        sizes.append(total % max_batch)
-    return sizes or [0]
-
-
-def run_batch(run: RunFn, inputs: list[Arrays], sizes: list[int], has_inputs: bool) -> list[Arrays]:
-    """Concatenate items, run once, split outputs back by offsets (runs in the engine thread)."""
-    if not has_inputs:
-        outputs = run({})
-        return [outputs for _ in inputs]
-    names = list(inputs[0])
-    batch = {n: inputs[0][n] if len(inputs) == 1 else np.concatenate([i[n] for i in inputs]) for n in names}
-    outputs = run(batch)
-    total = sum(sizes)
-    for name, array in outputs.items():
-        if array.shape[0] != total:
-            raise RuntimeError(f"output {name!r} has batch {array.shape[0]}, expected {total}")
-    results, offset = [], 0
-    for size in sizes:
-        results.append({name: array[offset : offset + size] for name, array in outputs.items()})
-        offset += size
-    return results
+    run_alone: RunFn | None = None  # for a batch that is the engine's only work (`Engine._is_alone`)
 
 
 EXPIRED_IN_QUEUE = "deadline passed while queued"
@@ -157,18 +133,20 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         self._incoming: dict[str, int] = {}  # requests per op being read or decoded (`expecting`)
         self._loads: dict[str, asyncio.Future[None]] = {}  # one-off loads of ops (`register(load=...)`)
         self._last_compute_s = 0.01  # seconds of the last batch, for Retry-After
+        self._dispatched = 0  # batches taken from their queue and not yet finished
 
     # ------------------------------------------------------------------ set-up
     def register(
         self, op: str, run: RunFn, *, max_batch_size: int | None = None, has_inputs: bool = True,
-        load: Callable[[], None] | None = None,
+        load: Callable[[], None] | None = None, run_alone: RunFn | None = None,
     ) -> None:
         """Make `op` runnable through this engine; its batches hold at most `max_batch_size` items. `load`
         (e.g. a program loaded at first use) runs once, off the worker thread, when the op is first
-        submitted: the model's other ops keep running meanwhile; what it raises, every request of the op gets."""
+        submitted: the model's other ops keep running meanwhile; what it raises, every request of the op gets.
+        `run_alone` (same answers, more threads) runs a batch that is the engine's only work."""
         limit = min(self.max_batch_size, max_batch_size or self.max_batch_size)
         metrics = _OpMetrics.of(self.model, self.version, op)
-        self._ops[op] = _OpEntry(run, max(1, limit), has_inputs, metrics, load)
+        self._ops[op] = _OpEntry(run, max(1, limit), has_inputs, metrics, load, run_alone)
 
     async def _loaded(self, op: str, load: Callable[[], None], deadline: float | None) -> None:
         """Wait (until `deadline`: 504) for `op`'s one-off `load`, started by its first caller."""
@@ -237,7 +215,9 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                 labels=(self.model, self.version, op),
             )
         if queue is None:
-            queue = self._queues[key] = _Queue(op, entry.run, entry.max_batch, entry.has_inputs, entry.metrics)
+            queue = self._queues[key] = _Queue(
+                op, entry.run, entry.max_batch, entry.has_inputs, entry.metrics, entry.run_alone
+            )
         items = self._enqueue(queue, inputs, total, deadline)
         results = await self._wait_for_results(
             [item.future for item in items], deadline, f"{op} did not finish within the request deadline"
@@ -353,6 +333,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         queue, wait = self._pick(now)
         if queue is None:
             return None, wait
+        self._dispatched += 1  # until its `_execute` ends
         return (queue, self._take(queue, now)), None  # `_pick` left a live head: never empty
 
     def _fail_waiting(self, error: ErrorFactory) -> None:
@@ -370,9 +351,12 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         started = loop.time()
         for item in items:
             queue.metrics.wait.observe(started - item.enqueued_at)
-        failed, retries = await isolate_failures(
-            items, lambda part: self._run(queue, part), lambda item: not self._is_over(item, loop.time())
-        )
+        try:
+            failed, retries = await isolate_failures(
+                items, lambda part: self._run(queue, part), lambda item: not self._is_over(item, loop.time())
+            )
+        finally:
+            self._dispatched -= 1
         if retries:
             BATCH_RETRIES.labels(*labels).inc(retries)
             log.warning("%s/%s %s: a batch of %d requests failed; %d re-runs left %d failing alone",
@@ -382,13 +366,19 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                       queue.op, item.size, exc_info=exc)
             fail_unanswered([item.future], lambda: EngineError(f"{queue.op} failed in the engine on this input"))
 
+    def _is_alone(self) -> bool:
+        """This batch is the engine's only one taken, and none is queued or being read: it may take every core."""
+        return self._dispatched == 1 and not self.queued_items() and not any(self._incoming.values())
+
     async def _run(self, queue: _Queue, items: list[_Item]) -> None:
-        """Run `items` as one batch on the worker thread and answer them; raises what the run raised."""
+        """Run `items` as one batch on the worker thread and answer them; raises what the run raised.
+        A batch that is the engine's only work runs on the op's `run_alone` when it has one."""
         sizes = [item.size for item in items]
+        run = queue.run_alone if queue.run_alone is not None and self._is_alone() else queue.run
         t0 = time.perf_counter()
         try:
             inputs = [item.inputs for item in items]
-            results = await self._in_worker(run_batch, queue.run, inputs, sizes, queue.has_inputs)
+            results = await self._in_worker(run_batch, run, inputs, sizes, queue.has_inputs)
         finally:
             elapsed = time.perf_counter() - t0
             self._last_compute_s = elapsed

@@ -91,8 +91,8 @@ def dummy_inputs(specs: list[TensorSpec], batch: int, hw: tuple[int, int] | None
 
 
 def warm_up(record: ModelRecord, settings: Settings) -> int:
-    """Run every op at every shape bucket x batch size once, and the saliency gradient once per bucket
-    when its program is loaded (blocking); returns the number of runs.
+    """Run every op at every shape bucket x batch size once (its lone-batch session at batch 1), and the
+    saliency gradient once per bucket when its program is loaded (blocking); returns the number of runs.
 
     Batch sizes grow until one run takes longer than `warmup_max_run_s`: past that, the first-call
     overhead a warm-up removes is small beside the run itself (on CPU a first call costs a few ms more
@@ -106,7 +106,11 @@ def warm_up(record: ModelRecord, settings: Settings) -> int:
             runs += 1
             continue
         max_batch = min(settings.max_batch_size, op.max_batch_size)
+        run_alone = getattr(runtime, "run_alone", None)
         for hw in shape_buckets(record, op):
+            if run_alone is not None:  # the lone-batch session: a lone request is mostly one item
+                run_alone(dummy_inputs(op.inputs, 1, hw))
+                runs += 1
             for batch in warmup_batch_sizes(max_batch):
                 started = time.perf_counter()
                 runtime.run(dummy_inputs(op.inputs, batch, hw))
@@ -145,7 +149,8 @@ def build_engine(record: ModelRecord, settings: Settings, budget: ItemBudget | N
     )
     for op_name, runtime in record.runtimes.items():
         op = record.op(op_name)
-        engine.register(op_name, runtime.run, max_batch_size=op.max_batch_size, has_inputs=bool(op.inputs))
+        engine.register(op_name, runtime.run, max_batch_size=op.max_batch_size, has_inputs=bool(op.inputs),
+                        run_alone=getattr(runtime, "run_alone", None))  # ONNX on the CPU (`EnginePlan`)
     if record.saliency is not None and record.manifest.saliency is not None:
         spec = record.manifest.saliency
         op = record.op(spec.op)

@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
+from app.allocator import limit_malloc_arenas
 from app.api import system, v1, v2
 from app.api.edge import BodyGuard, body_limits
 from app.api.error_handlers import install_error_handlers
@@ -36,6 +37,7 @@ def configure_access_log(enabled: bool) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; `settings` default to the AESERVE_* environment."""
     settings = settings or Settings()
+    limit_malloc_arenas(settings.malloc_arenas)  # before the engine, ORT and codec threads start
     configure_logging(settings.log_level)
     configure_access_log(settings.access_log)
     app = FastAPI(

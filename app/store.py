@@ -129,14 +129,15 @@ def engine_plan(manifest: Manifest, settings: Settings) -> EnginePlan:
     """Instances and threads of a model's engine on this machine (`app.runtime.threads.plan_engine`)."""
     single_slot = manifest.sampler is not None and manifest.sampler.kind == "ddim"
     return plan_engine(settings.engine_instances, settings.intra_op_threads, cores=machine_cores(),
-                       single_slot=single_slot)
+                       single_slot=single_slot, lone_threads=settings.lone_batch_threads)
 
 
 def load_runtime(
-    fmt: ArtifactFormat, version_dir: Path, manifest: Manifest, op: OpSpec, settings: Settings, threads: int = 0
+    fmt: ArtifactFormat, version_dir: Path, manifest: Manifest, op: OpSpec, settings: Settings, threads: int = 0,
+    lone_threads: int = 0,
 ) -> Runtime:
     """The runtime of `op` in format `fmt`, built from the verified bytes of its artifact, on `threads` cores
-    (0: the `intra_op_threads` setting)."""
+    (0: the `intra_op_threads` setting); an ONNX one also on `lone_threads` for a lone batch (`EnginePlan`)."""
     relative = op.artifacts[fmt]
     path = resolve_artifact(version_dir, relative)
     data = read_verified(version_dir, manifest, relative)
@@ -144,7 +145,7 @@ def load_runtime(
     if fmt == "onnx":
         from app.runtime.onnx import OnnxRuntime
 
-        return OnnxRuntime(path, cpu_mem_arena=settings.cpu_mem_arena, **common)
+        return OnnxRuntime(path, cpu_mem_arena=settings.cpu_mem_arena, lone_threads=lone_threads, **common)
     if fmt == "aoti":
         from app.runtime.aoti import AotiRuntime
 
@@ -174,13 +175,17 @@ def load_model(record: ModelRecord, settings: Settings) -> None:
         for op_name, op in manifest.ops.items():
             fmt = choose_format(op, settings.prefer)
             try:
-                record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings, plan.threads)
+                record.runtimes[op_name] = load_runtime(
+                    fmt, record.path, manifest, op, settings, plan.threads, plan.lone_threads
+                )
             except RuntimeLoadError as exc:
                 # the preferred format may need torch; fall back to ONNX when it exists
                 if fmt != "onnx" and "onnx" in op.artifacts:
                     log.warning("%s/%s %s: %s; using onnx", record.name, record.version, op_name, exc)
                     fmt = "onnx"
-                    record.runtimes[op_name] = load_runtime(fmt, record.path, manifest, op, settings, plan.threads)
+                    record.runtimes[op_name] = load_runtime(
+                    fmt, record.path, manifest, op, settings, plan.threads, plan.lone_threads
+                )
                 else:
                     raise StoreError(f"op {op_name}: {exc}") from exc
             record.formats[op_name] = fmt
@@ -199,7 +204,7 @@ def on_device(plan: EnginePlan, record: ModelRecord, settings: Settings) -> Engi
     """`plan`, with one instance by default once a runtime really runs on CUDA (the cores do not bound it)."""
     on_cuda = any("cuda" in runtime.provider.lower() for runtime in record.runtimes.values())
     if on_cuda and not settings.engine_instances:
-        return EnginePlan(1, plan.threads)
+        return EnginePlan(1, plan.threads)  # the lone-batch sessions are CPU-only (`OnnxRuntime`)
     return plan
 
 

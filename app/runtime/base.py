@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class RuntimeLoadError(RuntimeError):

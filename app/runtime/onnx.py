@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.runtime.base import RuntimeLoadError
+from app.runtime.base import RunFn, RuntimeLoadError
 from app.runtime.threads import resolve_threads
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,11 @@ class OnnxRuntime:
         intra_op_threads: int = 0,
         data: bytes | None = None,
         cpu_mem_arena: bool = False,
+        lone_threads: int = 0,
     ) -> None:
         """`data`: the verified bytes of the model at `path` (read from `path` when None);
-        `intra_op_threads` 0: the machine's cores."""
+        `intra_op_threads` 0: the machine's cores. `lone_threads` more than those (on the CPU only): a second
+        session of that many threads, `run_alone`, for a batch that has the cores to itself."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - the cpu/gpu extra installs it
@@ -119,11 +121,17 @@ class OnnxRuntime:
         self.provider: str = self.providers[0]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.lone_threads = lone_threads if lone_threads > self.threads and self.provider == CPU else 0
+        self.lone_session = None
+        if self.lone_threads:
+            lone_options = session_options(ort, self.lone_threads, cpu_mem_arena=cpu_mem_arena)
+            self.lone_session = ort.InferenceSession(model, lone_options, providers=[CPU])
         log.info(
-            "onnx %s on %s, %d threads%s",
+            "onnx %s on %s, %d threads%s%s",
             self.path.name,
             self.provider,
             self.threads,
+            f" ({self.lone_threads} for a lone batch)" if self.lone_threads else "",
             f" ({self.fallback_reason})" if self.fallback_reason else "",
         )
 
@@ -137,8 +145,18 @@ class OnnxRuntime:
     def describe(self) -> dict[str, Any]:
         """How the session is configured (for `/v1/models`)."""
         return {"format": self.format, "provider": self.provider, "threads": self.threads,
-                "cpu_mem_arena": self.cpu_mem_arena}
+                "lone_batch_threads": self.lone_threads or None, "cpu_mem_arena": self.cpu_mem_arena}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    @property
+    def run_alone(self) -> RunFn | None:
+        """`run` on the lone-batch session (all its threads), or None when there is none."""
+        return None if self.lone_session is None else self._run_alone
+
+    def _run_alone(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.lone_session is not None
+        outputs = self.lone_session.run(self.output_names, inputs)
         return dict(zip(self.output_names, outputs, strict=True))

@@ -63,13 +63,18 @@ async def run_requests(engine: Engine, values: list[float]) -> list:
 
 # ----------------------------------------------------------------------------------------------- the plan
 def test_the_plan_gives_each_core_an_instance_of_one_thread_by_default() -> None:
-    assert plan_engine(0, 0, cores=2) == EnginePlan(2, 1)
-    assert plan_engine(0, 0, cores=16) == EnginePlan(16, 1)
-    assert plan_engine(0, 4, cores=16) == EnginePlan(4, 4)  # threads given: instances fill the cores
-    assert plan_engine(0, 32, cores=16) == EnginePlan(1, 32)
-    assert plan_engine(3, 0, cores=16) == EnginePlan(3, 5)  # instances given: the cores split among them
-    assert plan_engine(4, 2, cores=2) == EnginePlan(4, 2)  # both given: as asked
-    assert plan_engine(0, 0, cores=8, single_slot=True) == EnginePlan(1, 8)  # the DDIM sampler
+    # the third figure: a lone batch's threads (every core the instances share; 0: no lone-batch runtime)
+    assert plan_engine(0, 0, cores=2) == EnginePlan(2, 1, 2)
+    assert plan_engine(0, 0, cores=16) == EnginePlan(16, 1, 16)
+    assert plan_engine(0, 0, cores=1) == EnginePlan(1, 1, 0)
+    assert plan_engine(0, 4, cores=16) == EnginePlan(4, 4, 16)  # threads given: instances fill the cores
+    assert plan_engine(0, 32, cores=16) == EnginePlan(1, 32, 0)
+    assert plan_engine(3, 0, cores=16) == EnginePlan(3, 5, 15)  # instances given: the cores split among them
+    assert plan_engine(4, 2, cores=2) == EnginePlan(4, 2, 0)  # both given: as asked; no more cores for one
+    assert plan_engine(1, 0, cores=8) == EnginePlan(1, 8, 0)
+    assert plan_engine(0, 0, cores=8, single_slot=True) == EnginePlan(1, 8, 0)  # the DDIM sampler
+    assert plan_engine(0, 0, cores=8, lone_threads=4) == EnginePlan(8, 1, 4)  # the setting
+    assert plan_engine(0, 0, cores=8, lone_threads=1) == EnginePlan(8, 1, 0)  # 1: off
     with pytest.raises(ValueError, match="concurrency"):
         Engine("x", "1", max_batch_size=1, max_delay_s=0, max_queue_items=1, instances=0)
 
@@ -117,7 +122,10 @@ def test_models_list_shows_instances_and_the_sampler_keeps_one(store: Path, tmp_
     with TestClient(create_app(make_settings(store, models="tiny-ae,tiny-ddim"))) as client:
         models = {m["name"]: m["engine"] for m in client.get("/v1/models").json()["models"]}
     assert models["tiny-ae"]["instances"] == cores and models["tiny-ae"]["ops"]["encode"]["threads"] == 1
+    assert models["tiny-ae"]["ops"]["encode"]["lone_batch_threads"] == (cores if cores > 1 else None)
     assert models["tiny-ddim"]["instances"] == 1 and models["tiny-ddim"]["ops"]["denoise"]["threads"] == cores
+    assert models["tiny-ddim"]["ops"]["denoise"]["lone_batch_threads"] is None
     with TestClient(create_app(make_settings(store, models="tiny-ae", engine_instances=1))) as client:
         one = client.get("/v1/models/tiny-ae").json()["engine"]
     assert one["instances"] == 1 and one["ops"]["encode"]["threads"] == cores
+    assert one["ops"]["encode"]["lone_batch_threads"] is None

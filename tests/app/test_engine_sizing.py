@@ -61,7 +61,7 @@ def test_onnx_sessions_are_sized_from_the_machine_without_an_arena(store: Path):
     auto = OnnxRuntime(path, device="cpu")
     assert auto.threads == machine_cores() and auto.cpu_mem_arena is False
     assert auto.describe() == {"format": "onnx", "provider": "CPUExecutionProvider", "threads": machine_cores(),
-                               "cpu_mem_arena": False}
+                               "lone_batch_threads": None, "cpu_mem_arena": False}
     one = OnnxRuntime(path, device="cpu", intra_op_threads=1, cpu_mem_arena=True)
     assert one.threads == 1 and one.describe()["cpu_mem_arena"] is True
     np.testing.assert_allclose(auto.run({"image": np.ones((2, 1, 16, 16), np.float32)})["latent"],

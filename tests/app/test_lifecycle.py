@@ -39,11 +39,12 @@ app.lifespan.load_model = gated_load_model
 SLOW_RUNS = """
 import time
 from app.runtime.onnx import OnnxRuntime
-run = OnnxRuntime.run
-def slow_run(self, inputs):
-    time.sleep(0.4)
-    return run(self, inputs)
-OnnxRuntime.run = slow_run
+def slowed(call):  # both sessions: the instances' and the lone batch's
+    def slow_run(self, inputs):
+        time.sleep(0.4)
+        return call(self, inputs)
+    return slow_run
+OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
 """
 
 

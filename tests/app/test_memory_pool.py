@@ -203,11 +203,12 @@ def test_a_read_outside_input_memory_holds_nothing():
 SLOW_RUNS = """
 import time
 from app.runtime.onnx import OnnxRuntime
-run = OnnxRuntime.run
-def slow_run(self, inputs):
-    time.sleep(0.05)
-    return run(self, inputs)
-OnnxRuntime.run = slow_run
+def slowed(call):  # both sessions: the instances' and the lone batch's
+    def slow_run(self, inputs):
+        time.sleep(0.05)
+        return call(self, inputs)
+    return slow_run
+OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
 """
 FRAMES = np.random.default_rng(0).random((16, 1, 256, 256), dtype=np.float32)  # a 4 MiB NPY upload
 POOL_BYTES = 48 * MiB  # ~4 of these requests (~12 MiB held each: body, declared data, model input)

@@ -139,11 +139,12 @@ def test_async_client_equals_the_sync_one(service: Service):
 SLOW_RUNS = """
 import time
 from app.runtime.onnx import OnnxRuntime
-run = OnnxRuntime.run
-def slow_run(self, inputs):
-    time.sleep(0.05)
-    return run(self, inputs)
-OnnxRuntime.run = slow_run
+def slowed(call):  # both sessions: the instances' and the lone batch's
+    def slow_run(self, inputs):
+        time.sleep(0.05)
+        return call(self, inputs)
+    return slow_run
+OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
 """
 
 

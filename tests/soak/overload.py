@@ -41,11 +41,12 @@ MAX_OUTSTANDING = 128  # unanswered requests at once; ~INFLIGHT + a few quick 42
 SLOW_RUNS = """
 import time
 from app.runtime.onnx import OnnxRuntime
-run = OnnxRuntime.run
-def slow_run(self, inputs):
-    time.sleep({run_s})
-    return run(self, inputs)
-OnnxRuntime.run = slow_run
+def slowed(call):  # both sessions: the instances' and the lone batch's
+    def slow_run(self, inputs):
+        time.sleep({run_s})
+        return call(self, inputs)
+    return slow_run
+OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
 """
 
 

@@ -1,0 +1,139 @@
+"""Issue 8 (speed): a batch that is its model's only work runs on a runtime with every core (`run_alone`);
+under load the instances keep their one-core runtimes. (On a machine of two or more cores every sequential
+API test goes through the lone sessions, and checks their answers against the eager modules.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from app.batcher import Engine
+from app.runtime.base import RunFn
+from app.runtime.onnx import OnnxRuntime
+from tests.app.test_batcher import frames
+
+
+class Tagged:
+    """y = 2x + 1 after `hold_s`, counting the calls of each runtime (`narrow`: `run`, `lone`: `run_alone`)."""
+
+    def __init__(self, hold_s: float = 0.02) -> None:
+        self.hold_s = hold_s
+        self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def runner(self, tag: str) -> RunFn:
+        def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            with self.lock:
+                self.calls[tag] += 1
+            time.sleep(self.hold_s)
+            return {"y": inputs["x"] * 2 + 1}
+
+        return run
+
+
+def engine_of(tagged: Tagged, *, lone: bool = True, max_batch: int = 1, instances: int = 2) -> Engine:
+    engine = Engine("lone", "1", max_batch_size=max_batch, max_delay_s=0.002, max_queue_items=64,
+                    instances=instances)
+    engine.register("op", tagged.runner("narrow"), run_alone=tagged.runner("lone") if lone else None)
+    return engine
+
+
+def answers(results: list) -> list[float]:
+    return [float(r["y"][0, 0]) for r in results]
+
+
+def test_requests_one_after_another_run_alone_with_every_core() -> None:
+    async def scenario(tagged: Tagged) -> list:
+        engine = engine_of(tagged)
+        await engine.start()
+        try:
+            return [await engine.submit("op", frames(1, v)) for v in range(4)]
+        finally:
+            await engine.stop()
+
+    tagged = Tagged()
+    assert answers(asyncio.run(scenario(tagged))) == [1.0, 3.0, 5.0, 7.0]
+    assert tagged.calls == {"lone": 4}
+
+
+def test_under_load_every_batch_runs_on_its_instance_runtime() -> None:
+    """Eight requests at once, batches of one on two instances: each batch starts with others queued or
+    running, so none takes the lone runtime (it would double the threads on the cores)."""
+
+    async def scenario(tagged: Tagged) -> list:
+        engine = engine_of(tagged)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.submit("op", frames(1, v)) for v in range(8)))
+        finally:
+            await engine.stop()
+
+    tagged = Tagged()
+    assert answers(asyncio.run(scenario(tagged))) == [2.0 * v + 1 for v in range(8)]
+    assert tagged.calls == {"narrow": 8}
+
+
+def test_a_request_still_being_read_keeps_the_batch_on_its_instance_runtime() -> None:
+    async def scenario(tagged: Tagged) -> list:
+        engine = engine_of(tagged)
+        await engine.start()
+        try:
+            with engine.expecting("op"):  # another request of the op is on its way
+                first = await engine.submit("op", frames(1, 1.0))
+            second = await engine.submit("op", frames(1, 2.0))  # nothing else now
+            return [first, second]
+        finally:
+            await engine.stop()
+
+    tagged = Tagged()
+    assert answers(asyncio.run(scenario(tagged))) == [3.0, 5.0]
+    assert tagged.calls == {"narrow": 1, "lone": 1}
+
+
+def test_an_op_without_a_lone_runtime_always_runs_on_its_own() -> None:
+    async def scenario(tagged: Tagged) -> list:
+        engine = engine_of(tagged, lone=False)
+        await engine.start()
+        try:
+            return [await engine.submit("op", frames(1, v)) for v in range(2)]
+        finally:
+            await engine.stop()
+
+    tagged = Tagged()
+    assert answers(asyncio.run(scenario(tagged))) == [1.0, 3.0]
+    assert tagged.calls == {"narrow": 2}
+
+
+# ----------------------------------------------------------------------------------------------- the runtime
+def test_onnx_runtime_opens_a_lone_session_only_with_more_threads(store: Path) -> None:
+    path = store / "tiny-ae" / "10" / "encode.onnx"
+    runtime = OnnxRuntime(path, device="cpu", intra_op_threads=1, lone_threads=2)
+    assert runtime.run_alone is not None and runtime.describe()["lone_batch_threads"] == 2
+    x = {"image": np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)}
+    # the same graph on more threads: equal up to float summation order (measured: identical here)
+    np.testing.assert_allclose(runtime.run_alone(x)["latent"], runtime.run(x)["latent"], rtol=1e-5, atol=1e-6)
+    for lone_threads in (0, 1):
+        same = OnnxRuntime(path, device="cpu", intra_op_threads=1, lone_threads=lone_threads)
+        assert same.run_alone is None and same.describe()["lone_batch_threads"] is None
+
+
+def test_warm_up_runs_each_lone_session_once_per_shape_at_batch_one(store: Path) -> None:
+    from app.lifespan import shape_buckets, warm_up
+    from app.store import ModelRecord, load_model
+    from tests.app.conftest import make_settings
+
+    runs = {}
+    for lone in (1, 2):  # 1: no lone sessions
+        settings = make_settings(store, engine_instances=2, intra_op_threads=1, lone_batch_threads=lone,
+                                 warmup_max_run_s=0)
+        record = ModelRecord("tiny-ae", "10", store / "tiny-ae" / "10")
+        load_model(record, settings)
+        assert all((runtime.run_alone is not None) == (lone == 2) for runtime in record.runtimes.values())
+        runs[lone] = warm_up(record, settings)
+    buckets = sum(len(shape_buckets(record, record.op(op))) for op in record.runtimes if record.op(op).inputs)
+    assert runs[2] - runs[1] == buckets > 0
