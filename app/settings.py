@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         " cores of the model's instances; no second session when that is no more than `intra_op_threads`"
         " (1: off)",
     )
+    lone_batch_min_ms: float = Field(
+        2.0,
+        ge=0,
+        description="An op keeps its lone-batch session only when one item on an instance's session takes at"
+        " least this long at warm-up (lighter ops lose to the extra threads' wake-ups); 0: always keep it",
+    )
     malloc_arenas: int = Field(
         2,
         ge=0,

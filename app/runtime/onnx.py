@@ -156,6 +156,10 @@ class OnnxRuntime:
         """`run` on the lone-batch session (all its threads), or None when there is none."""
         return None if self.lone_session is None else self._run_alone
 
+    def drop_lone_session(self) -> None:
+        """Free the lone-batch session (an op too light to gain from more threads: `app.lifespan.warm_up`)."""
+        self.lone_session, self.lone_threads = None, 0
+
     def _run_alone(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.lone_session is not None
         outputs = self.lone_session.run(self.output_names, inputs)

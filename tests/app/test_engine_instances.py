@@ -119,7 +119,8 @@ def test_models_list_shows_instances_and_the_sampler_keeps_one(store: Path, tmp_
         source = max((store / name).iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
         shutil.copytree(source, tmp_path / name / "78")  # client's versions stay untouched
     store, cores = tmp_path, machine_cores()
-    with TestClient(create_app(make_settings(store, models="tiny-ae,tiny-ddim"))) as client:
+    settings = make_settings(store, models="tiny-ae,tiny-ddim", lone_batch_min_ms=0)  # keep even a tiny op's
+    with TestClient(create_app(settings)) as client:
         models = {m["name"]: m["engine"] for m in client.get("/v1/models").json()["models"]}
     assert models["tiny-ae"]["instances"] == cores and models["tiny-ae"]["ops"]["encode"]["threads"] == 1
     assert models["tiny-ae"]["ops"]["encode"]["lone_batch_threads"] == (cores if cores > 1 else None)

@@ -130,10 +130,29 @@ def test_warm_up_runs_each_lone_session_once_per_shape_at_batch_one(store: Path)
     runs = {}
     for lone in (1, 2):  # 1: no lone sessions
         settings = make_settings(store, engine_instances=2, intra_op_threads=1, lone_batch_threads=lone,
-                                 warmup_max_run_s=0)
+                                 warmup_max_run_s=0, lone_batch_min_ms=0)
         record = ModelRecord("tiny-ae", "10", store / "tiny-ae" / "10")
         load_model(record, settings)
         assert all((runtime.run_alone is not None) == (lone == 2) for runtime in record.runtimes.values())
         runs[lone] = warm_up(record, settings)
     buckets = sum(len(shape_buckets(record, record.op(op))) for op in record.runtimes if record.op(op).inputs)
     assert runs[2] - runs[1] == buckets > 0
+    assert all(runtime.run_alone is not None for runtime in record.runtimes.values())  # min 0: all kept
+
+
+def test_warm_up_drops_the_lone_session_of_an_op_lighter_than_the_minimum(store: Path) -> None:
+    from app.lifespan import warm_up
+    from app.store import ModelRecord, load_model
+    from tests.app.conftest import make_settings
+
+    # tiny-ae's ops take well under a millisecond; 10 s is more than any op of it takes on any machine
+    settings = make_settings(store, engine_instances=2, intra_op_threads=1, lone_batch_threads=2,
+                             lone_batch_min_ms=10_000)
+    record = ModelRecord("tiny-ae", "10", store / "tiny-ae" / "10")
+    load_model(record, settings)
+    with_inputs = [name for name in record.runtimes if record.op(name).inputs]
+    assert with_inputs and all(record.runtimes[name].run_alone is not None for name in with_inputs)
+    warm_up(record, settings)
+    for name in with_inputs:
+        runtime = record.runtimes[name]
+        assert runtime.run_alone is None and runtime.describe()["lone_batch_threads"] is None
