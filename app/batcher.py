@@ -85,6 +85,7 @@ class _Queue:
     has_inputs: bool
     metrics: _OpMetrics
     run_alone: RunFn | None = None
+    inline_items: int = 0
     items: deque[_Item] = field(default_factory=deque)
     queued: int = 0  # frames waiting (live or not yet purged)
 
@@ -97,6 +98,7 @@ class _OpEntry:
     metrics: _OpMetrics
     load: Callable[[], None] | None = None  # run once, in a thread of its own, before the op's first item
     run_alone: RunFn | None = None  # for a batch that is the engine's only work (`Engine._is_alone`)
+    inline_items: int = 0  # such a batch of at most this many items runs on the event loop
 
 
 EXPIRED_IN_QUEUE = "deadline passed while queued"
@@ -138,15 +140,17 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
     # ------------------------------------------------------------------ set-up
     def register(
         self, op: str, run: RunFn, *, max_batch_size: int | None = None, has_inputs: bool = True,
-        load: Callable[[], None] | None = None, run_alone: RunFn | None = None,
+        load: Callable[[], None] | None = None, run_alone: RunFn | None = None, inline_items: int = 0,
     ) -> None:
         """Make `op` runnable through this engine; its batches hold at most `max_batch_size` items. `load`
         (e.g. a program loaded at first use) runs once, off the worker thread, when the op is first
         submitted: the model's other ops keep running meanwhile; what it raises, every request of the op gets.
-        `run_alone` (same answers, more threads) runs a batch that is the engine's only work."""
+        A batch that is the engine's only work runs on `run_alone` (same answers, more threads), or on the
+        event loop itself when it holds at most `inline_items` items (an op so light that the worker
+        thread's round trip costs more than the run)."""
         limit = min(self.max_batch_size, max_batch_size or self.max_batch_size)
         metrics = _OpMetrics.of(self.model, self.version, op)
-        self._ops[op] = _OpEntry(run, max(1, limit), has_inputs, metrics, load, run_alone)
+        self._ops[op] = _OpEntry(run, max(1, limit), has_inputs, metrics, load, run_alone, inline_items)
 
     async def _loaded(self, op: str, load: Callable[[], None], deadline: float | None) -> None:
         """Wait (until `deadline`: 504) for `op`'s one-off `load`, started by its first caller."""
@@ -216,7 +220,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
             )
         if queue is None:
             queue = self._queues[key] = _Queue(
-                op, entry.run, entry.max_batch, entry.has_inputs, entry.metrics, entry.run_alone
+                op, entry.run, entry.max_batch, entry.has_inputs, entry.metrics, entry.run_alone, entry.inline_items
             )
         items = self._enqueue(queue, inputs, total, deadline)
         results = await self._wait_for_results(
@@ -372,13 +376,17 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
 
     async def _run(self, queue: _Queue, items: list[_Item]) -> None:
         """Run `items` as one batch on the worker thread and answer them; raises what the run raised.
-        A batch that is the engine's only work runs on the op's `run_alone` when it has one."""
+        A batch that is the engine's only work runs on the event loop or the op's `run_alone` (`register`)."""
         sizes = [item.size for item in items]
-        run = queue.run_alone if queue.run_alone is not None and self._is_alone() else queue.run
+        alone = self._is_alone()
+        run = queue.run_alone if alone and queue.run_alone is not None else queue.run
         t0 = time.perf_counter()
         try:
             inputs = [item.inputs for item in items]
-            results = await self._in_worker(run_batch, run, inputs, sizes, queue.has_inputs)
+            if alone and sum(sizes) <= queue.inline_items:
+                results = run_batch(run, inputs, sizes, queue.has_inputs)  # no thread round trip
+            else:
+                results = await self._in_worker(run_batch, run, inputs, sizes, queue.has_inputs)
         finally:
             elapsed = time.perf_counter() - t0
             self._last_compute_s = elapsed

@@ -106,12 +106,12 @@ def warm_up(record: ModelRecord, settings: Settings) -> int:
             runs += 1
             continue
         max_batch = min(settings.max_batch_size, op.max_batch_size)
-        run_alone = getattr(runtime, "run_alone", None)
-        for hw in shape_buckets(record, op):
-            if run_alone is not None:  # the lone-batch session: a lone request is mostly one item
-                run_alone(dummy_inputs(op.inputs, 1, hw))
-                runs += 1 + keep_lone_session(runtime, dummy_inputs(op.inputs, 1, hw), settings)
-                run_alone = getattr(runtime, "run_alone", None)
+        buckets = shape_buckets(record, op)
+        runs += time_one_item(record, op_name, dummy_inputs(op.inputs, 1, buckets[0]), settings)
+        for hw in buckets:
+            if getattr(runtime, "run_alone", None) is not None:  # a lone request is mostly one item
+                runtime.run_alone(dummy_inputs(op.inputs, 1, hw))
+                runs += 1
             for batch in warmup_batch_sizes(max_batch):
                 started = time.perf_counter()
                 runtime.run(dummy_inputs(op.inputs, batch, hw))
@@ -127,19 +127,32 @@ def warm_up(record: ModelRecord, settings: Settings) -> int:
     return runs
 
 
-def keep_lone_session(runtime: Any, inputs: dict[str, np.ndarray], settings: Settings) -> int:
-    """Drop the runtime's lone-batch session when one item on an instance's session takes less than
-    `lone_batch_min_ms` (its second run: the first carries one-off costs); returns the runs made. On so light
-    an op more threads only add their wake-ups (the 28x28 VAE decode at one client: p50 3.5 ms with a
-    2-thread session against 3.1 ms without, on the 2-core host)."""
+def time_one_item(record: ModelRecord, op_name: str, inputs: dict[str, np.ndarray], settings: Settings) -> int:
+    """Time one item on the op's runtime (its second run: the first carries one-off costs) into
+    `record.item_ms`; an op lighter than `lone_batch_min_ms` loses its lone-batch session (more threads only
+    add their wake-ups: the 28x28 VAE decode at one client, p50 3.5 ms with a 2-thread session against
+    3.1 ms without, on the 2-core host) and runs its small lone batches on the event loop (`build_engine`).
+    Returns the runs made."""
     if settings.lone_batch_min_ms <= 0:
         return 0
+    runtime = record.runtimes[op_name]
     runtime.run(inputs)
     started = time.perf_counter()
     runtime.run(inputs)
-    if (time.perf_counter() - started) * 1000 < settings.lone_batch_min_ms:
+    record.item_ms[op_name] = item_ms = (time.perf_counter() - started) * 1000
+    if item_ms < settings.lone_batch_min_ms and hasattr(runtime, "drop_lone_session"):
         runtime.drop_lone_session()
     return 2
+
+
+def inline_items(record: ModelRecord, op_name: str, settings: Settings) -> int:
+    """The largest lone batch of the op that runs on the event loop: as many items as fit in
+    `lone_batch_min_ms` at the op's warm-up time per item (0: none; a worker thread's round trip costs
+    ~0.8 ms here, more than such a batch)."""
+    item_ms = record.item_ms.get(op_name)
+    if not item_ms or item_ms >= settings.lone_batch_min_ms:
+        return 0
+    return int(settings.lone_batch_min_ms // item_ms)
 
 
 def saliency_loaded(record: ModelRecord) -> bool:
@@ -166,7 +179,8 @@ def build_engine(record: ModelRecord, settings: Settings, budget: ItemBudget | N
     for op_name, runtime in record.runtimes.items():
         op = record.op(op_name)
         engine.register(op_name, runtime.run, max_batch_size=op.max_batch_size, has_inputs=bool(op.inputs),
-                        run_alone=getattr(runtime, "run_alone", None))  # ONNX on the CPU (`EnginePlan`)
+                        run_alone=getattr(runtime, "run_alone", None),  # ONNX on the CPU (`EnginePlan`)
+                        inline_items=inline_items(record, op_name, settings))
     if record.saliency is not None and record.manifest.saliency is not None:
         spec = record.manifest.saliency
         op = record.op(spec.op)

@@ -111,7 +111,9 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         description="An op keeps its lone-batch session only when one item on an instance's session takes at"
-        " least this long at warm-up (lighter ops lose to the extra threads' wake-ups); 0: always keep it",
+        " least this long at warm-up (lighter ops lose to the extra threads' wake-ups); a lighter op runs a lone"
+        " batch that fits in this time on the event loop instead, with no worker-thread round trip; 0: always"
+        " keep the session, never run on the loop",
     )
     malloc_arenas: int = Field(
         2,

@@ -68,6 +68,7 @@ class ModelRecord:
     retired: bool = False  # no longer served: new requests resolve the model again
     # its engine's instances and each runtime's threads (set by load_model)
     plan: EnginePlan = field(default_factory=lambda: EnginePlan(1, 1))
+    item_ms: dict[str, float] = field(default_factory=dict)  # one item on an op's runtime, timed at warm-up
 
     def fail(self, reason: str) -> None:
         self.state = "unavailable"

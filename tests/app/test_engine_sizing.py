@@ -222,7 +222,7 @@ def test_warm_up_runs_each_shape_once_when_runs_are_slow_and_skips_an_unloaded_s
 
     record.runtimes = {name: Slow(rt) for name, rt in record.runtimes.items()}
     record.saliency = Slow()
-    runs = lifespan.warm_up(record, Settings(store=store))
+    runs = lifespan.warm_up(record, Settings(store=store, lone_batch_min_ms=0))  # no per-item timing runs
     assert batches == [1] * len(record.runtimes) and runs == len(record.runtimes)
 
 

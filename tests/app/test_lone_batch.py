@@ -109,6 +109,38 @@ def test_an_op_without_a_lone_runtime_always_runs_on_its_own() -> None:
     assert tagged.calls == {"narrow": 2}
 
 
+class Threads:
+    """y = 2x + 1, recording the thread of each call."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        time.sleep(0.01)
+        return {"y": inputs["x"] * 2 + 1}
+
+
+def test_a_small_lone_batch_of_a_light_op_runs_on_the_event_loop() -> None:
+    async def scenario(run: Threads) -> tuple[list, int]:
+        engine = Engine("light", "1", max_batch_size=8, max_delay_s=0.002, max_queue_items=64, instances=2)
+        engine.register("op", run, inline_items=2)
+        await engine.start()
+        try:
+            alone = [await engine.submit("op", frames(n, 10.0)) for n in (1, 2, 3)]  # 3 > inline_items
+            crowd = await asyncio.gather(*(engine.submit("op", frames(1, v)) for v in range(6)))
+            return alone + crowd, threading.get_ident()
+        finally:
+            await engine.stop()
+
+    run = Threads()
+    results, loop_thread = asyncio.run(scenario(run))
+    assert [r["y"][:, 0].tolist() for r in results[:3]] == [[21.0], [21.0, 23.0], [21.0, 23.0, 25.0]]
+    assert answers(results[3:]) == [2.0 * v + 1 for v in range(6)]
+    assert run.threads[:2] == [loop_thread, loop_thread]  # one and two items alone: on the loop
+    assert loop_thread not in run.threads[2:]  # three items alone, and every batch under load: a worker
+
+
 # ----------------------------------------------------------------------------------------------- the runtime
 def test_onnx_runtime_opens_a_lone_session_only_with_more_threads(store: Path) -> None:
     path = store / "tiny-ae" / "10" / "encode.onnx"
@@ -156,3 +188,22 @@ def test_warm_up_drops_the_lone_session_of_an_op_lighter_than_the_minimum(store:
     for name in with_inputs:
         runtime = record.runtimes[name]
         assert runtime.run_alone is None and runtime.describe()["lone_batch_threads"] is None
+
+
+def test_warm_up_times_one_item_and_light_ops_run_small_lone_batches_inline(store: Path) -> None:
+    from app.lifespan import inline_items, warm_up
+    from app.store import ModelRecord, load_model
+    from tests.app.conftest import make_settings
+
+    for min_ms, light in ((10_000.0, True), (0.0, False)):  # every tiny-ae op is under 10 s; 0: off
+        settings = make_settings(store, lone_batch_min_ms=min_ms)
+        record = ModelRecord("tiny-ae", "10", store / "tiny-ae" / "10")
+        load_model(record, settings)
+        warm_up(record, settings)
+        with_inputs = [name for name in record.runtimes if record.op(name).inputs]
+        assert (set(record.item_ms) == set(with_inputs)) is light
+        for name in with_inputs:
+            items = inline_items(record, name, settings)
+            assert (items >= 1) is light
+            if light:
+                assert items == int(min_ms // record.item_ms[name])
