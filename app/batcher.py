@@ -9,8 +9,8 @@ flushes when it holds a full batch, when its first item has waited `max_delay_s`
 `idle_start` - as soon as an instance is free and no more requests for the op are on their way (being
 read or decoded: `expecting`), so a lone request never waits, the next batch collects during a run, and
 under load a batch waits the few ms it takes the requests being decoded to join it. A batch that is the
-engine's only work (nothing else running, queued or on its way) runs on the op's `run_alone` when it has
-one (every core instead of one instance's share). Batches are concatenated along axis 0 and split back
+engine's only work (nothing else running, queued or on its way) runs on the op's `run_alone` (every core)
+or, for a light op, on the event loop. Batches are concatenated along axis 0 and split back
 by offsets in the worker thread; results go to each request's own future. Items past their deadline
 (504; absolute, on the loop clock) or whose client left (cancelled future) are dropped before running.
 An op may need a one-off load (a program loaded at first use): it runs in a thread of its own when the
@@ -97,7 +97,7 @@ class _OpEntry:
     has_inputs: bool
     metrics: _OpMetrics
     load: Callable[[], None] | None = None  # run once, in a thread of its own, before the op's first item
-    run_alone: RunFn | None = None  # for a batch that is the engine's only work (`Engine._is_alone`)
+    run_alone: RunFn | None = None  # for a batch that is the engine's only work (`Engine._run`)
     inline_items: int = 0  # such a batch of at most this many items runs on the event loop
 
 
@@ -172,6 +172,10 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
     def queued_items(self, op: str | None = None) -> int:
         """Frames waiting in the queues of `op` (all ops when None)."""
         return sum(q.queued for q in self._queues.values() if op is None or q.op == op)
+
+    def inline_items(self, op: str) -> int:
+        """The largest lone batch of `op` that runs on the event loop (`register`)."""
+        return self._ops[op].inline_items if op in self._ops else 0
 
     def queue_count(self) -> int:
         """Queues held now (empty ones are pruned at the scheduler's next pass)."""
@@ -370,15 +374,12 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                       queue.op, item.size, exc_info=exc)
             fail_unanswered([item.future], lambda: EngineError(f"{queue.op} failed in the engine on this input"))
 
-    def _is_alone(self) -> bool:
-        """This batch is the engine's only one taken, and none is queued or being read: it may take every core."""
-        return self._dispatched == 1 and not self.queued_items() and not any(self._incoming.values())
-
     async def _run(self, queue: _Queue, items: list[_Item]) -> None:
         """Run `items` as one batch on the worker thread and answer them; raises what the run raised.
         A batch that is the engine's only work runs on the event loop or the op's `run_alone` (`register`)."""
         sizes = [item.size for item in items]
-        alone = self._is_alone()
+        # the engine's only batch taken, none queued or being read: it may take every core
+        alone = self._dispatched == 1 and not self.queued_items() and not any(self._incoming.values())
         run = queue.run_alone if alone and queue.run_alone is not None else queue.run
         t0 = time.perf_counter()
         try:

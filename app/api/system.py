@@ -40,8 +40,14 @@ def engine_config(record: ModelRecord, settings: Settings) -> dict[str, Any] | N
     if record.manifest is None or not record.runtimes:
         return None
     limit = settings.max_batch_size
+    engine = record.engine
     ops = {
-        name: {**runtime_config(runtime), "max_batch_size": min(record.op(name).max_batch_size, limit)}
+        name: {
+            **runtime_config(runtime),
+            "max_batch_size": min(record.op(name).max_batch_size, limit),
+            "item_ms": round(record.item_ms[name], 3) if name in record.item_ms else None,  # at warm-up
+            "inline_items": engine.inline_items(name) if engine is not None else 0,  # lone batches on the loop
+        }
         for name, runtime in record.runtimes.items()
     }
     return {

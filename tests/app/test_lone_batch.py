@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.batcher import Engine
 from app.runtime.base import RunFn
@@ -207,3 +208,17 @@ def test_warm_up_times_one_item_and_light_ops_run_small_lone_batches_inline(stor
             assert (items >= 1) is light
             if light:
                 assert items == int(min_ms // record.item_ms[name])
+
+
+def test_models_list_shows_each_ops_item_time_and_inline_batches(store: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.app.conftest import make_settings
+
+    with TestClient(create_app(make_settings(store, models="tiny-ae", lone_batch_min_ms=10_000))) as client:
+        ops = client.get("/v1/models/tiny-ae").json()["engine"]["ops"]
+    encode = ops["encode"]
+    assert encode["item_ms"] > 0  # shown to the microsecond: the batch count agrees within that rounding
+    assert encode["inline_items"] == pytest.approx(10_000 / encode["item_ms"], rel=0.01)
+    assert encode["lone_batch_threads"] is None  # a light op keeps one session
