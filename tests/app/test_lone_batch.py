@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from app.batcher import Engine
 from app.runtime.base import RunFn
@@ -219,6 +218,7 @@ def test_models_list_shows_each_ops_item_time_and_inline_batches(store: Path) ->
     with TestClient(create_app(make_settings(store, models="tiny-ae", lone_batch_min_ms=10_000))) as client:
         ops = client.get("/v1/models/tiny-ae").json()["engine"]["ops"]
     encode = ops["encode"]
-    assert encode["item_ms"] > 0  # shown to the microsecond: the batch count agrees within that rounding
-    assert encode["inline_items"] == pytest.approx(10_000 / encode["item_ms"], rel=0.01)
+    shown = encode["item_ms"]  # rounded to the microsecond: the batch count agrees within that rounding
+    assert shown > 0 and 10_000 / (shown + 0.0005) - 1 <= encode["inline_items"] <= 10_000 / max(shown - 0.0005, 1e-9)
     assert encode["lone_batch_threads"] is None  # a light op keeps one session
+
