@@ -20,6 +20,20 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 
+def slow_runs(seconds: float | str) -> str:
+    """A prelude that makes every ONNX Runtime call (an instance's and a lone batch's) sleep `seconds` first."""
+    return f"""
+import time
+from app.runtime.onnx import OnnxRuntime
+def slowed(call):
+    def slow_run(self, inputs):
+        time.sleep({seconds})
+        return call(self, inputs)
+    return slow_run
+OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
+"""
+
+
 SERVE = """
 import sys
 {prelude}

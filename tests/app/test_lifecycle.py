@@ -18,7 +18,7 @@ from app.batcher import Engine
 from app.lifespan import StartupError
 from app.main import create_app
 from tests.app.conftest import make_settings, npy_bytes
-from tests.app.service_process import Service, running_service
+from tests.app.service_process import Service, running_service, slow_runs
 
 IMAGE = npy_bytes(np.random.default_rng(0).random((1, 16, 16)).astype(np.float32))
 RECONSTRUCT = "/v1/models/tiny-dyn/reconstruct"
@@ -36,16 +36,7 @@ app.lifespan.load_model = gated_load_model
 """
 
 # run in the service process: every ONNX batch takes 0.4 s longer, so requests stay in flight
-SLOW_RUNS = """
-import time
-from app.runtime.onnx import OnnxRuntime
-def slowed(call):  # both sessions: the instances' and the lone batch's
-    def slow_run(self, inputs):
-        time.sleep(0.4)
-        return call(self, inputs)
-    return slow_run
-OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
-"""
+SLOW_RUNS = slow_runs(0.4)
 
 
 @pytest.fixture

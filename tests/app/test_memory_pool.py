@@ -27,7 +27,7 @@ from app.errors import InvalidInput, PayloadTooLarge, QueueFull
 from app.schemas.manifest import Preprocessing
 from app.settings import Settings
 from tests.app import crafted_images as crafted
-from tests.app.service_process import Service, running_service
+from tests.app.service_process import Service, running_service, slow_runs
 from tests.app.test_memory_budget import measured, npy
 
 MiB = 2**20
@@ -200,16 +200,7 @@ def test_a_read_outside_input_memory_holds_nothing():
 
 
 # ----------------------------------------------------------------------------------------------- a real process
-SLOW_RUNS = """
-import time
-from app.runtime.onnx import OnnxRuntime
-def slowed(call):  # both sessions: the instances' and the lone batch's
-    def slow_run(self, inputs):
-        time.sleep(0.05)
-        return call(self, inputs)
-    return slow_run
-OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
-"""
+SLOW_RUNS = slow_runs(0.05)
 FRAMES = np.random.default_rng(0).random((16, 1, 256, 256), dtype=np.float32)  # a 4 MiB NPY upload
 POOL_BYTES = 48 * MiB  # ~4 of these requests (~12 MiB held each: body, declared data, model input)
 # measured with one engine instance +129..135 MiB (5 x 200) since ONNX Runtime's arena is off by default (each

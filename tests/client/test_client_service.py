@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from aeserve_client import AsyncClient, Client, ClientError
-from tests.app.service_process import Service
+from tests.app.service_process import Service, slow_runs
 from tests.client.conftest import ready_service
 
 pytestmark = pytest.mark.slow
@@ -136,16 +136,7 @@ def test_async_client_equals_the_sync_one(service: Service):
 
 
 # ----------------------------------------------------------------------------------------------- 429s
-SLOW_RUNS = """
-import time
-from app.runtime.onnx import OnnxRuntime
-def slowed(call):  # both sessions: the instances' and the lone batch's
-    def slow_run(self, inputs):
-        time.sleep(0.05)
-        return call(self, inputs)
-    return slow_run
-OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
-"""
+SLOW_RUNS = slow_runs(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -33,21 +33,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.app.service_process import Service, running_service
+from tests.app.service_process import Service, running_service, slow_runs
 
 PATH = "/v1/models/tiny-dyn/encode"
 SIDE = 128  # one 128x128 float32 frame: a 64 KiB body, sent in more than one read
 MAX_OUTSTANDING = 128  # unanswered requests at once; ~INFLIGHT + a few quick 429s are expected
-SLOW_RUNS = """
-import time
-from app.runtime.onnx import OnnxRuntime
-def slowed(call):  # both sessions: the instances' and the lone batch's
-    def slow_run(self, inputs):
-        time.sleep({run_s})
-        return call(self, inputs)
-    return slow_run
-OnnxRuntime.run, OnnxRuntime._run_alone = slowed(OnnxRuntime.run), slowed(OnnxRuntime._run_alone)
-"""
 
 
 def payload() -> bytes:
@@ -81,7 +71,7 @@ def environment(run_ms: float, inflight: int) -> dict[str, str]:
 @contextlib.contextmanager
 def slow_service(store: Path, tmp: Path, run_ms: float, inflight: int) -> Iterator[Service]:
     """The service over `store`, ready, each engine run `run_ms` slower; warmed by a few requests."""
-    prelude = SLOW_RUNS.format(run_s=run_ms / 1000)
+    prelude = slow_runs(run_ms / 1000)
     with running_service(store, tmp, env=environment(run_ms, inflight), prelude=prelude) as service:
         service.wait_until(lambda: httpx.get(f"{service.base_url}/readyz", timeout=2).status_code == 200,
                            what="/readyz")
