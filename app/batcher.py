@@ -80,12 +80,7 @@ class _OpMetrics:
 @dataclass(eq=False)
 class _Queue:
     op: str
-    run: RunFn
-    max_batch: int
-    has_inputs: bool
-    metrics: _OpMetrics
-    run_alone: RunFn | None = None
-    inline_items: int = 0
+    entry: _OpEntry  # how the op runs (shared by all its queues)
     items: deque[_Item] = field(default_factory=deque)
     queued: int = 0  # frames waiting (live or not yet purged)
 
@@ -223,9 +218,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                 labels=(self.model, self.version, op),
             )
         if queue is None:
-            queue = self._queues[key] = _Queue(
-                op, entry.run, entry.max_batch, entry.has_inputs, entry.metrics, entry.run_alone, entry.inline_items
-            )
+            queue = self._queues[key] = _Queue(op, entry)
         items = self._enqueue(queue, inputs, total, deadline)
         results = await self._wait_for_results(
             [item.future for item in items], deadline, f"{op} did not finish within the request deadline"
@@ -247,7 +240,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         if queue.queued and queue.queued + total > self.max_queue_items:
             raise shed(
                 f"queue for {queue.op} holds {queue.queued} items", reason="queue_full", field="queue",
-                limit=self.max_queue_items, retry_after_s=self._retry_after_s(queue.queued, queue.max_batch),
+                limit=self.max_queue_items, retry_after_s=self._retry_after_s(queue.queued, queue.entry.max_batch),
                 labels=(self.model, self.version, queue.op),
             )
 
@@ -271,13 +264,13 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         items, offset = [], 0
-        for size in split_sizes(total, queue.max_batch) if queue.has_inputs else [1]:
+        for size in split_sizes(total, queue.entry.max_batch) if queue.entry.has_inputs else [1]:
             chunk = {n: a[offset : offset + size] for n, a in inputs.items()}
             offset += size
             items.append(_Item(chunk, size, loop.create_future(), now, deadline))
         queue.items.extend(items)
         queue.queued += total
-        queue.metrics.depth.inc(total)
+        queue.entry.metrics.depth.inc(total)
         self._wake_up()
         return items
 
@@ -285,7 +278,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
     def _forget(self, queue: _Queue, item: _Item) -> None:
         queue.queued -= item.size
         self.budget.release(item.size)
-        queue.metrics.depth.dec(item.size)
+        queue.entry.metrics.depth.dec(item.size)
 
     def _is_over(self, item: _Item, now: float) -> bool:
         return settle_if_expired(item.future, item.deadline, now, EXPIRED_IN_QUEUE)
@@ -297,7 +290,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
 
     def _is_ready(self, queue: _Queue, now: float, due: float) -> bool:
         """A full batch, a head that waited `max_delay_s`, stopping, or (idle start) nothing more on its way."""
-        if self._stopping or queue.queued >= queue.max_batch or now >= due:
+        if self._stopping or queue.queued >= queue.entry.max_batch or now >= due:
             return True
         return self.idle_start and not self._incoming.get(queue.op)
 
@@ -325,7 +318,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         while queue.items:
             item = queue.items[0]
             over = self._is_over(item, now)
-            if not over and batch and size + item.size > queue.max_batch:
+            if not over and batch and size + item.size > queue.entry.max_batch:
                 break
             queue.items.popleft()
             self._forget(queue, item)
@@ -333,7 +326,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
                 continue
             batch.append(item)
             size += item.size
-            if not queue.has_inputs:
+            if not queue.entry.has_inputs:
                 break
         return batch
 
@@ -358,7 +351,7 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         for item in items:
-            queue.metrics.wait.observe(started - item.enqueued_at)
+            queue.entry.metrics.wait.observe(started - item.enqueued_at)
         try:
             failed, retries = await isolate_failures(
                 items, lambda part: self._run(queue, part), lambda item: not self._is_over(item, loop.time())
@@ -380,19 +373,19 @@ class Engine(WorkerLoop[tuple[_Queue, list[_Item]]]):
         sizes = [item.size for item in items]
         # the engine's only batch taken, none queued or being read: it may take every core
         alone = self._dispatched == 1 and not self.queued_items() and not any(self._incoming.values())
-        run = queue.run_alone if alone and queue.run_alone is not None else queue.run
+        run = queue.entry.run_alone if alone and queue.entry.run_alone is not None else queue.entry.run
         t0 = time.perf_counter()
         try:
             inputs = [item.inputs for item in items]
-            if alone and sum(sizes) <= queue.inline_items:
-                results = run_batch(run, inputs, sizes, queue.has_inputs)  # no thread round trip
+            if alone and sum(sizes) <= queue.entry.inline_items:
+                results = run_batch(run, inputs, sizes, queue.entry.has_inputs)  # no thread round trip
             else:
-                results = await self._in_worker(run_batch, run, inputs, sizes, queue.has_inputs)
+                results = await self._in_worker(run_batch, run, inputs, sizes, queue.entry.has_inputs)
         finally:
             elapsed = time.perf_counter() - t0
             self._last_compute_s = elapsed
-            queue.metrics.compute.observe(elapsed)
-            queue.metrics.size.observe(sum(sizes))
+            queue.entry.metrics.compute.observe(elapsed)
+            queue.entry.metrics.size.observe(sum(sizes))
         for item, result in zip(items, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
