@@ -148,8 +148,7 @@ class OnnxRuntime:
                 "lone_batch_threads": self.lone_threads or None, "cpu_mem_arena": self.cpu_mem_arena}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, inputs)
-        return dict(zip(self.output_names, outputs, strict=True))
+        return self._named_outputs(self.session, inputs)
 
     @property
     def run_alone(self) -> RunFn | None:
@@ -161,6 +160,7 @@ class OnnxRuntime:
         self.lone_session, self.lone_threads = None, 0
 
     def _run_alone(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert self.lone_session is not None
-        outputs = self.lone_session.run(self.output_names, inputs)
-        return dict(zip(self.output_names, outputs, strict=True))
+        return self._named_outputs(self.lone_session, inputs)
+
+    def _named_outputs(self, session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, session.run(self.output_names, inputs), strict=True))
